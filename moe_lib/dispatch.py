@@ -1,0 +1,137 @@
+"""Dispatch: group the router's (token, expert) assignments by expert, apply capacity, and combine back.
+
+The router gives each of ``T`` tokens ``k`` experts, i.e. ``T·k`` *assignments*. Dispatch sorts them by
+expert so that each expert sees one contiguous block of rows — the layout every grouped-GEMM kernel
+wants — and records where each row came from so the combine step can put the weighted expert outputs
+back in token order.
+
+Capacity (Lepikhin et al. 2021, §2.2; Fedus et al. 2022, eq. 3): with a ``capacity_factor`` ``c`` each
+expert processes at most ``C = ceil(c · T · k / E)`` assignments. Assignments are served in priority
+order — every token's first choice before any token's second choice, and earlier tokens first within a
+choice — and the rest are *dropped*: they contribute nothing to that token's output (in a Transformer
+block the token still flows through the residual connection). Drops are never silent: the plan counts
+dropped assignments and tokens whose every choice was dropped. ``capacity_factor=None`` is dropless.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .routers import Routing
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """``ceil(capacity_factor · T · k / E)``: the most assignments one expert may process."""
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+@dataclass
+class DispatchPlan:
+    """Kept assignments grouped by expert (expert 0's rows first, then expert 1's, ...).
+
+    Attributes:
+        token_index: ``[N]`` source token of each kept assignment.
+        expert_index: ``[N]`` expert of each kept assignment (non-decreasing).
+        slot_index: ``[N]`` which of the token's ``k`` choices it is (0 = the router's first choice).
+        weights: ``[N]`` combine weight of each kept assignment.
+        counts: ``[E]`` kept assignments per expert (int64); ``counts.sum() == N``.
+        offsets: ``[E + 1]`` start of each expert's block; expert ``e`` owns rows
+            ``offsets[e]:offsets[e+1]``.
+        requested: ``[E]`` assignments the router sent to each expert before capacity.
+        kept: ``[T, k]`` bool, whether each of a token's choices was processed.
+        capacity: per-expert capacity, or ``None`` when dropless.
+    """
+
+    token_index: Tensor
+    expert_index: Tensor
+    slot_index: Tensor
+    weights: Tensor
+    counts: Tensor
+    offsets: Tensor
+    requested: Tensor
+    kept: Tensor
+    capacity: int | None
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.kept.shape[0]
+
+    @property
+    def dropped_assignments(self) -> int:
+        """Assignments the router made that no expert processed (capacity overflow)."""
+        return int(self.kept.numel() - self.kept.sum())
+
+    @property
+    def dropped_tokens(self) -> int:
+        """Tokens none of whose ``k`` choices was processed: the layer's output for them is zero."""
+        if self.kept.numel() == 0:
+            return 0
+        return int((~self.kept.any(dim=1)).sum())
+
+    def position_in_expert(self) -> Tensor:
+        """``[N]`` row of each kept assignment inside its expert's block (0-based)."""
+        n = self.token_index.shape[0]
+        return torch.arange(n, device=self.token_index.device) - self.offsets[self.expert_index]
+
+
+def make_plan(routing: Routing, capacity_factor: float | None = None) -> DispatchPlan:
+    """Group ``routing``'s assignments by expert, dropping those over capacity.
+
+    Works on the device of the routing tensors; the only host synchronisation is the capacity mask's
+    size, which a dropless or fixed-capacity kernel can avoid (Part IV).
+    """
+    experts, weights = routing.experts, routing.weights
+    num_tokens, top_k = experts.shape
+    num_experts = routing.num_experts
+    device = experts.device
+    # Slot-major flattening: index j*T + t is token t's j-th choice. A stable sort by expert then orders
+    # each expert's rows by (choice, token), which is exactly the capacity priority.
+    flat_expert = experts.t().reshape(-1)
+    flat_weight = weights.t().reshape(-1)
+    flat_token = torch.arange(num_tokens, device=device).repeat(top_k)
+    flat_slot = torch.arange(top_k, device=device).repeat_interleave(num_tokens)
+    order = torch.sort(flat_expert, stable=True).indices
+    requested = torch.bincount(flat_expert, minlength=num_experts)
+
+    capacity = None
+    kept_flat = torch.ones_like(flat_expert, dtype=torch.bool)
+    if capacity_factor is not None:
+        capacity = expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
+        starts = torch.cumsum(requested, 0) - requested
+        rank = torch.arange(order.shape[0], device=device) - starts[flat_expert[order]]
+        keep_sorted = rank < capacity
+        kept_flat[order[~keep_sorted]] = False
+        order = order[keep_sorted]
+
+    counts = torch.bincount(flat_expert[order], minlength=num_experts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return DispatchPlan(
+        token_index=flat_token[order],
+        expert_index=flat_expert[order],
+        slot_index=flat_slot[order],
+        weights=flat_weight[order],
+        counts=counts,
+        offsets=offsets,
+        requested=requested,
+        kept=kept_flat.reshape(top_k, num_tokens).t(),
+        capacity=capacity,
+    )
+
+
+def combine(expert_out: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
+    """Weighted scatter back to token order: ``y[t] = Σ_{kept (t, e)} w_{t,e} · expert_out[row(t, e)]``.
+
+    ``expert_out`` is ``[N, d_out]`` in the plan's (grouped) row order. Uses ``index_add_``, which is
+    deterministic on the CPU; tokens with no kept assignment get zeros.
+    """
+    out = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
+    weighted = expert_out * plan.weights.to(expert_out.dtype).unsqueeze(-1)
+    return out.index_add(0, plan.token_index, weighted)

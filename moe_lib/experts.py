@@ -1,0 +1,134 @@
+"""Expert banks: ``E`` experts of one kind, stored as stacked weights ``[E, ...]``.
+
+Stacked weights (rather than a ``ModuleList`` of ``E`` small modules) are what grouped-GEMM kernels
+consume and what Hugging Face's fused MoE checkpoints store, so every backend can run the same bank.
+Each bank offers two views of the same computation:
+
+* :meth:`ExpertBank.forward_expert` — expert ``e`` on its own rows ``[n, d_model]`` (the readable
+  reference, used by the ``loop`` backend);
+* :meth:`ExpertBank.forward_padded` — all experts at once on a padded batch ``[E, C, d_model]``
+  (batched matmul, used by the ``torch`` backend).
+
+Kinds: ``linear`` (``x W_e + b_e``, the 1991 local experts), ``mlp`` (``act(x W1 + b1) W2 + b2``, the
+Transformer FFN of Switch/GShard) and ``swiglu`` (``(silu(x W_g) ⊙ x W_u) W_d``, Shazeer 2020, used by
+Mixtral, Qwen-MoE and DeepSeek-V3).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ._validate import check_choice, check_int
+
+ACTIVATIONS = {"relu": torch.relu, "gelu": nn.functional.gelu, "silu": nn.functional.silu, "tanh": torch.tanh}
+
+
+def _uniform(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
+    """``U(-1/√fan_in, 1/√fan_in)``, the default init of ``nn.Linear``, applied to every expert."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+
+
+class ExpertBank(nn.Module):
+    """Base class. Subclasses define the per-expert function on stacked weights.
+
+    Args:
+        num_experts: ``E``.
+        d_model: input width.
+        d_ff: hidden width of one expert (ignored by ``linear`` experts).
+        d_out: output width (``d_model`` when ``None``).
+    """
+
+    kind = "base"
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, d_out: int | None = None):
+        super().__init__()
+        self.num_experts = check_int("num_experts", num_experts, minimum=1)
+        self.d_model = check_int("d_model", d_model, minimum=1)
+        self.d_ff = check_int("d_ff", d_ff, minimum=1)
+        self.d_out = self.d_model if d_out is None else check_int("d_out", d_out, minimum=1)
+
+    def forward_expert(self, e: int, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Expert ``e`` on ``x [n, d_model]`` -> ``[n, d_out]``."""
+        raise NotImplementedError
+
+    def forward_padded(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Every expert on its own rows: ``x [E, C, d_model]`` -> ``[E, C, d_out]``."""
+        raise NotImplementedError
+
+    def flops_per_token(self) -> int:  # pragma: no cover - abstract
+        """Floating-point operations (2 per multiply-add) of one expert on one token, matmuls only."""
+        raise NotImplementedError
+
+
+class LinearExperts(ExpertBank):
+    """``h_e(x) = x W_e + b_e`` — the linear experts of Jacobs et al. (1991)."""
+
+    kind = "linear"
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int = 1, d_out: int | None = None):
+        super().__init__(num_experts, d_model, d_ff, d_out)
+        self.weight = _uniform((num_experts, self.d_model, self.d_out), self.d_model)
+        self.bias = _uniform((num_experts, self.d_out), self.d_model)
+
+    def forward_expert(self, e: int, x: Tensor) -> Tensor:
+        return x @ self.weight[e] + self.bias[e]
+
+    def forward_padded(self, x: Tensor) -> Tensor:
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+
+    def flops_per_token(self) -> int:
+        return 2 * self.d_model * self.d_out
+
+
+class MLPExperts(ExpertBank):
+    """``h_e(x) = act(x W1_e + b1_e) W2_e + b2_e`` — the two-layer FFN expert (Switch, GShard)."""
+
+    kind = "mlp"
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, d_out: int | None = None, activation: str = "gelu"):
+        super().__init__(num_experts, d_model, d_ff, d_out)
+        self.activation = check_choice("activation", activation, ACTIVATIONS)
+        self.w1 = _uniform((num_experts, self.d_model, self.d_ff), self.d_model)
+        self.b1 = _uniform((num_experts, self.d_ff), self.d_model)
+        self.w2 = _uniform((num_experts, self.d_ff, self.d_out), self.d_ff)
+        self.b2 = _uniform((num_experts, self.d_out), self.d_ff)
+
+    def forward_expert(self, e: int, x: Tensor) -> Tensor:
+        h = ACTIVATIONS[self.activation](x @ self.w1[e] + self.b1[e])
+        return h @ self.w2[e] + self.b2[e]
+
+    def forward_padded(self, x: Tensor) -> Tensor:
+        h = ACTIVATIONS[self.activation](torch.baddbmm(self.b1.unsqueeze(1), x, self.w1))
+        return torch.baddbmm(self.b2.unsqueeze(1), h, self.w2)
+
+    def flops_per_token(self) -> int:
+        return 2 * self.d_ff * (self.d_model + self.d_out)
+
+
+class SwiGLUExperts(ExpertBank):
+    """``h_e(x) = (silu(x Wg_e) ⊙ x Wu_e) Wd_e`` — the gated FFN of Mixtral/Qwen/DeepSeek (no biases)."""
+
+    kind = "swiglu"
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, d_out: int | None = None):
+        super().__init__(num_experts, d_model, d_ff, d_out)
+        self.w_gate = _uniform((num_experts, self.d_model, self.d_ff), self.d_model)
+        self.w_up = _uniform((num_experts, self.d_model, self.d_ff), self.d_model)
+        self.w_down = _uniform((num_experts, self.d_ff, self.d_out), self.d_ff)
+
+    def forward_expert(self, e: int, x: Tensor) -> Tensor:
+        return (nn.functional.silu(x @ self.w_gate[e]) * (x @ self.w_up[e])) @ self.w_down[e]
+
+    def forward_padded(self, x: Tensor) -> Tensor:
+        h = nn.functional.silu(torch.bmm(x, self.w_gate)) * torch.bmm(x, self.w_up)
+        return torch.bmm(h, self.w_down)
+
+    def flops_per_token(self) -> int:
+        return 2 * self.d_ff * (2 * self.d_model + self.d_out)
+
+
+#: Expert kind -> class. ``MoELayer(expert=name)`` looks names up here.
+EXPERTS: dict[str, type[ExpertBank]] = {c.kind: c for c in (LinearExperts, MLPExperts, SwiGLUExperts)}

@@ -1,0 +1,150 @@
+"""Routing metrics: how balanced, how sparse and how confident a router is.
+
+Every function takes plain tensors so it can be used on any router's output; :func:`routing_stats`
+gathers them for one forward pass of :class:`moe_lib.MoELayer`.
+
+On "sparsity". The article this book answers defines a *sparsity ratio* ``(N − Σ_i |w_i|) / N``
+(:func:`article_sparsity_ratio`). For any gate whose weights are non-negative and sum to one — a softmax,
+or a renormalised top-k — ``Σ|w_i| = 1`` and the ratio is ``(N − 1)/N`` whatever the router does, so it
+measures nothing. Chapter 1 shows it by measurement. The quantities that do vary with sparsity are the
+fraction of experts that actually run per token (:func:`active_fraction`), the entropy of the gate
+(:func:`entropy`) and its exponential, the effective number of experts (:func:`effective_num_experts`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .dispatch import DispatchPlan
+from .routers import Routing
+
+
+def expert_load(experts: Tensor, num_experts: int) -> Tensor:
+    """Assignments per expert: ``bincount`` of the ``[T, k]`` chosen ids (int64 ``[E]``)."""
+    return torch.bincount(experts.reshape(-1), minlength=num_experts)
+
+
+def coefficient_of_variation(values: Tensor) -> float:
+    """``std / mean`` (population std) of a load or importance vector; 0 = perfectly balanced.
+
+    Shazeer et al. (2017, eq. 6–7) penalise its square. Returns ``nan`` for an all-zero vector.
+    """
+    values = values.double()
+    mean = values.mean()
+    if mean == 0:
+        return float("nan")
+    return float(values.std(unbiased=False) / mean)
+
+
+def max_violation(load: Tensor) -> float:
+    """MaxVio = ``(max load − mean load) / mean load`` (Wang et al. 2024, §4.1); 0 = balanced."""
+    load = load.double()
+    mean = load.mean()
+    return float("nan") if mean == 0 else float((load.max() - mean) / mean)
+
+
+def entropy(weights: Tensor, dim: int = -1) -> Tensor:
+    """Shannon entropy in nats of non-negative weights along ``dim`` (normalised first; ``0 log 0 = 0``)."""
+    p = weights.double()
+    p = p / p.sum(dim=dim, keepdim=True)
+    return -(torch.special.xlogy(p, p)).sum(dim=dim)
+
+
+def effective_num_experts(weights: Tensor) -> Tensor:
+    """``exp(entropy)`` per token: 1 when one expert carries all weight, ``N`` when ``N`` share equally."""
+    return entropy(weights).exp()
+
+
+def active_fraction(dense_weights: Tensor, threshold: float = 0.0) -> Tensor:
+    """Per token, the fraction of experts whose weight exceeds ``threshold`` — the experts that must run.
+
+    ``dense_weights`` is ``[T, E]`` (zeros for unchosen experts). It is ``k/E`` for a top-k router. For a
+    softmax gate it is 1 in exact arithmetic; in float32 a very confident gate's smallest weights underflow
+    to zero, yet a dense layer still runs every expert — :func:`routing_stats` therefore reports the
+    experts a layer *runs* (``k/E``) as ``active_fraction``.
+    """
+    return (dense_weights.abs() > threshold).double().mean(dim=-1)
+
+
+def article_sparsity_ratio(dense_weights: Tensor) -> Tensor:
+    """The article's "sparsity ratio" ``(N − Σ_i |w_i|) / N`` per token, reproduced to be tested.
+
+    Constant ``(N − 1)/N`` for any gate whose weights sum to one; see the module docstring.
+    """
+    n = dense_weights.shape[-1]
+    return (n - dense_weights.abs().double().sum(dim=-1)) / n
+
+
+def specialisation(assigned: Tensor, labels: Tensor, num_experts: int, num_labels: int) -> Tensor:
+    """Counts ``[num_labels, E]``: how many tokens of each label (region, class, token type) went to
+    each expert. ``assigned`` is ``[T]`` (e.g. each token's top expert) or ``[T, k]`` (every choice)."""
+    assigned = assigned.reshape(labels.shape[0], -1)
+    rows = labels.reshape(-1, 1).expand_as(assigned).reshape(-1)
+    flat = rows * num_experts + assigned.reshape(-1)
+    return torch.bincount(flat, minlength=num_labels * num_experts).reshape(num_labels, num_experts)
+
+
+def purity(counts: Tensor) -> float:
+    """Share of tokens handled by their label's most frequent expert, from :func:`specialisation` counts.
+
+    1.0 when every label is served by a single expert; ``max_e share`` of a label is its purity.
+    """
+    total = counts.sum()
+    return float("nan") if total == 0 else float(counts.max(dim=1).values.sum() / total)
+
+
+def routing_stats(routing: Routing, plan: DispatchPlan) -> dict[str, float | list[int]]:
+    """Summary of one forward pass, as plain Python numbers.
+
+    Keys:
+        ``load``: assignments the router sent to each expert (before capacity).
+        ``processed``: assignments each expert actually processed (after capacity).
+        ``load_cv``: coefficient of variation of ``load``; ``max_violation``: MaxVio of ``load``.
+        ``experts_used_fraction``: fraction of experts that received at least one assignment.
+        ``active_fraction``: fraction of the experts that run for each token, ``k / E`` (1 for a dense gate).
+        ``gate_entropy``: mean entropy (nats) of the combine weights a token uses.
+        ``router_entropy``: mean entropy (nats) of the full softmax over all experts.
+        ``effective_experts``: mean of ``exp(gate_entropy)`` per token.
+        ``article_sparsity_ratio``: the article's ``(N − Σ|w|)/N``, mean over tokens.
+        ``tokens``: ``T``; ``assignments``: ``T·k``.
+        ``assignments_dropped`` / ``tokens_dropped`` / ``dropped_fraction``: capacity overflow.
+    """
+    num_tokens, top_k = routing.experts.shape
+    load = plan.requested
+    empty = num_tokens == 0
+    with torch.no_grad():
+        dense = routing.dense_weights()
+        weights, probs = routing.weights.detach(), routing.probs.detach()
+
+    def mean(t: Tensor) -> float:
+        return float("nan") if empty else float(t.mean())
+
+    return {
+        "tokens": num_tokens,
+        "assignments": num_tokens * top_k,
+        "load": load.tolist(),
+        "processed": plan.counts.tolist(),
+        "load_cv": coefficient_of_variation(load),
+        "max_violation": max_violation(load),
+        "experts_used_fraction": float((load > 0).double().mean()),
+        "active_fraction": top_k / routing.num_experts,
+        "gate_entropy": mean(entropy(weights)),
+        "router_entropy": mean(entropy(probs)),
+        "effective_experts": mean(effective_num_experts(weights)),
+        "article_sparsity_ratio": mean(article_sparsity_ratio(dense)),
+        "assignments_dropped": plan.dropped_assignments,
+        "tokens_dropped": plan.dropped_tokens,
+        "dropped_fraction": plan.dropped_assignments / (num_tokens * top_k) if num_tokens else 0.0,
+    }
+
+
+def format_stats(stats: dict, digits: int = 3) -> str:
+    """One line per metric, numbers rounded to ``digits`` significant digits (stable notebook output)."""
+    lines = []
+    for key, value in stats.items():
+        if isinstance(value, float):
+            value = "nan" if math.isnan(value) else f"{value:.{digits}g}"
+        lines.append(f"{key:>24}: {value}")
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""Every bad argument fails loudly, naming the argument and the accepted values."""
+import pytest
+import torch
+
+from moe_lib import MoELayer
+
+GOOD = dict(d_model=8, d_ff=16, num_experts=4, top_k=2)
+
+
+@pytest.mark.parametrize(
+    "changes, error, words",
+    [
+        ({"num_experts": 0}, ValueError, ["num_experts", ">= 1"]),
+        ({"num_experts": -3}, ValueError, ["num_experts", ">= 1"]),
+        ({"top_k": 0}, ValueError, ["top_k", "between 1 and 4"]),
+        ({"top_k": 5}, ValueError, ["top_k", "between 1 and 4"]),
+        ({"d_model": 0}, ValueError, ["d_model", ">= 1"]),
+        ({"d_ff": 0}, ValueError, ["d_ff", ">= 1"]),
+        ({"d_model": 8.0}, TypeError, ["d_model", "integer"]),
+        ({"d_ff": "16"}, TypeError, ["d_ff", "integer"]),
+        ({"num_experts": 4.5}, TypeError, ["num_experts", "integer"]),
+        ({"top_k": True}, TypeError, ["top_k", "integer"]),
+        ({"router": "nope"}, ValueError, ["router", "'dense'", "'topk'"]),
+        ({"expert": "conv"}, ValueError, ["expert", "'linear'", "'mlp'", "'swiglu'"]),
+        ({"backend": "cuda"}, ValueError, ["backend", "'loop'", "'torch'"]),
+        ({"router": 3}, TypeError, ["router"]),
+        ({"capacity_factor": 0}, ValueError, ["capacity_factor", "> 0"]),
+        ({"capacity_factor": -1.0}, ValueError, ["capacity_factor", "> 0"]),
+        ({"capacity_factor": "1"}, TypeError, ["capacity_factor"]),
+        ({"activation": "swish"}, ValueError, ["activation", "'gelu'"]),
+        ({"router": "dense", "top_k": 2}, ValueError, ["top_k", "num_experts"]),
+        ({"aux_loss_coef": -0.1}, ValueError, ["aux_loss_coef"]),
+        ({"normalize_weights": "yes"}, TypeError, ["normalize_weights"]),
+    ],
+)
+def test_constructor_rejects(changes, error, words):
+    with pytest.raises(error) as excinfo:
+        MoELayer(**{**GOOD, **changes})
+    message = str(excinfo.value)
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (2, 3, 9), (8,)[:0] + (5, 1)])
+def test_forward_rejects_wrong_last_dimension(shape):
+    layer = MoELayer(**GOOD)
+    with pytest.raises(ValueError, match=r"d_model=8"):
+        layer(torch.randn(shape))
+
+
+def test_forward_rejects_scalar_and_non_tensor():
+    layer = MoELayer(**GOOD)
+    with pytest.raises(ValueError, match="d_model"):
+        layer(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        layer([[0.0] * 8])
+
+
+def test_defaults_for_top_k():
+    assert MoELayer(8, 16, 4, router="dense").top_k == 4
+    assert MoELayer(8, 16, 4).top_k == 2
+    assert MoELayer(8, 16, 1).top_k == 1
