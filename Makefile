@@ -1,0 +1,85 @@
+# The MoE Book: build, test and maintain the book and moe_lib.
+#
+#   make book        install, execute every notebook, build the HTML book (_build/html/index.html)
+#   make test        install, then unit tests, nbval, papermill, strict book build, browser check
+#   make notebooks   (authors) re-execute the notebooks in place so their stored outputs are fresh;
+#                    NB="notebooks/01_what_is_moe.ipynb ..." limits it to some notebooks
+#   make clean       remove _build        make distclean   also remove .venv
+#
+# Only python3 and make are needed: everything else goes into .venv, pinned by
+# requirements/constraints.txt.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+STAMP := $(VENV)/.installed
+# torch goes in first, on its own: the CPU wheel lies on local disk, and an unpinned torch would
+# pull a multi-GB CUDA build. Keep in step with requirements/constraints.txt.
+TORCH_VERSION := 2.13.0
+NB ?=
+
+# The test steps must run in order (the browser test needs the built book).
+.NOTPARALLEL:
+.DEFAULT_GOAL := install
+.PHONY: install book notebooks test test-unit test-nbval test-papermill test-build test-browser \
+        constraints clean distclean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[book,test]"
+	touch $@
+
+# ---------------------------------------------------------------------------------------- book
+book: $(STAMP)
+	$(PY) scripts/build_book.py --execute
+
+notebooks: $(STAMP)
+	$(PY) scripts/execute_notebooks.py $(NB)
+
+# ---------------------------------------------------------------------------------------- test
+test: test-unit test-nbval test-papermill test-build test-browser
+
+# (a) moe_lib's own tests: everything in tests/ but the notebook and browser tests.
+test-unit: $(STAMP)
+	$(PY) -m pytest tests -m "not notebooks and not browser"
+
+# (b) strict nbval: a fresh run of every notebook in _toc.yml must print what the notebook stores.
+test-nbval: $(STAMP)
+	nbs="$$($(PY) scripts/toc_notebooks.py)" && \
+	$(PY) -m pytest -p no:cacheprovider --nbval --nbval-current-env --nbval-cell-timeout=300 \
+	    --nbval-sanitize-with tests/nbval_sanitize.cfg $$nbs
+
+# (c) papermill: parameters cells, parameter injection, one notebook end to end with other values.
+test-papermill: $(STAMP)
+	$(PY) -m pytest tests -m notebooks
+
+# (d) the book builds from the stored outputs with no warning (-W --keep-going).
+test-build: $(STAMP)
+	$(PY) scripts/build_book.py
+
+# (e) the built pages in headless Chromium: no console error, no failed or outside request,
+#     every image loads, MathJax rendered. Screenshots in _build/screenshots/.
+test-browser: $(STAMP)
+	$(PY) -m pytest tests -m browser
+
+# ------------------------------------------------------------------------------- maintenance
+# Re-resolve requirements/constraints.txt in a fresh venv after changing dependencies.
+constraints:
+	rm -rf _build/constraints-venv
+	$(PYTHON) -m venv _build/constraints-venv
+	_build/constraints-venv/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
+	_build/constraints-venv/bin/python -m pip install --quiet ".[book,test]"
+	{ sed -n '/^#/p' requirements/constraints.txt; \
+	  _build/constraints-venv/bin/python -m pip freeze --exclude moe-lib \
+	    | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > _build/constraints.txt
+	mv _build/constraints.txt requirements/constraints.txt
+	rm -rf _build/constraints-venv build
+
+clean:
+	rm -rf _build
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
