@@ -123,6 +123,19 @@ class MoELayer(nn.Module):
         )
 
     def forward(self, x: Tensor, return_info: bool = False):
+        """Route, dispatch, run the experts and combine.
+
+        Args:
+            x: ``[..., d_model]``; any number of leading dimensions, including zero tokens.
+            return_info: also return the :class:`MoEInfo` of this pass.
+
+        Returns:
+            ``y`` of shape ``[..., d_out]``, or ``(y, info)`` when ``return_info`` is true.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: the last dimension of ``x`` is not ``d_model``.
+        """
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor of shape [..., d_model={self.d_model}], got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.d_model:

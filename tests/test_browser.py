@@ -41,7 +41,9 @@ CHROMIUM_ARGS = [
 # rendered math). index.html is Jupyter Book's redirect to the root page, book/intro.html.
 PAGES = [
     ("index.html", "book/intro.html", "index", True),
-    ("notebooks/01_what_is_moe.html", "notebooks/01_what_is_moe.html", "01_what_is_moe", False),
+    ("notebooks/01_what_is_moe.html", "notebooks/01_what_is_moe.html", "01_what_is_moe", True),
+    ("book/library.html", "book/library.html", "library", True),
+    ("book/bibliography.html", "book/bibliography.html", "bibliography", False),
 ]
 
 # Raw TeX left in the visible text (code blocks removed) means MathJax did not typeset it.
