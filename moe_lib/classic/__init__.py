@@ -1,0 +1,22 @@
+"""The classical mixtures of Part I: the 1991 adaptive mixture of local experts (:mod:`.mixture`,
+:mod:`.losses`), hierarchical mixtures trained by EM (:mod:`.hme`, :mod:`.em`; Jordan & Jacobs 1994) and
+the two-stage recipe of chapter 4 (:mod:`.two_stage`).
+
+Everything here is built from the same pieces as :class:`moe_lib.MoELayer` — a dense softmax router
+(:class:`moe_lib.routers.DenseRouter`), a bank of experts (:class:`moe_lib.LinearExperts`) and a weighted
+combine — plus the classical losses and trainers.
+"""
+from . import em, hme, losses, mixture, two_stage
+from .em import EMResult, em_step, epochs_to_converge, fit_em, fit_gradient, irls_gate, relative_error
+from .hme import HME
+from .losses import competitive_loss, cooperative_loss, mixture_output, posterior
+from .mixture import FitResult, accuracy, expert_usage, fit_classifier, local_experts, mlp
+from .two_stage import (EnsembleMean, fit_end_to_end, fit_ensemble, fit_experts_on_subsets, fit_gate,
+                        gate_from_centres, kmeans, sparse_copy)
+
+__all__ = [
+    "EMResult", "EnsembleMean", "FitResult", "HME", "accuracy", "competitive_loss", "cooperative_loss",
+    "em", "em_step", "epochs_to_converge", "expert_usage", "fit_classifier", "fit_em", "fit_end_to_end", "fit_ensemble", "fit_experts_on_subsets",
+    "fit_gate", "fit_gradient", "gate_from_centres", "hme", "irls_gate", "kmeans", "local_experts", "losses", "mixture",
+    "mixture_output", "mlp", "posterior", "relative_error", "sparse_copy", "two_stage",
+]
