@@ -11,6 +11,14 @@ order — every token's first choice before any token's second choice, and earli
 choice — and the rest are *dropped*: they contribute nothing to that token's output (in a Transformer
 block the token still flows through the residual connection). Drops are never silent: the plan counts
 dropped assignments and tokens whose every choice was dropped. ``capacity_factor=None`` is dropless.
+Because every first choice outranks every second choice, a *later* token's first choice can displace an
+*earlier* token's second choice: with ``k > 1`` a capacity limit is not causal (chapter 7). With ``k = 1``
+earlier tokens always win and it is.
+
+Entries of the routing that are not assignments (``Routing.valid`` false: an expert-choice pair no expert
+chose, a GShard second expert that lost its coin flip) are neither requested nor kept nor dropped.
+Routers that enforce their own capacity (expert choice) are planned with ``capacity_factor=None``.
+Soft MoE has no assignments: :func:`slot_plan` is the plan of its ``E·p`` slots.
 """
 from __future__ import annotations
 
@@ -43,6 +51,7 @@ class DispatchPlan:
         requested: ``[E]`` assignments the router sent to each expert before capacity.
         kept: ``[T, k]`` bool, whether each of a token's choices was processed.
         capacity: per-expert capacity, or ``None`` when dropless.
+        valid: ``[T, k]`` bool, which routing entries are assignments (``None``: all).
     """
 
     token_index: Tensor
@@ -54,6 +63,7 @@ class DispatchPlan:
     requested: Tensor
     kept: Tensor
     capacity: int | None
+    valid: Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -66,11 +76,13 @@ class DispatchPlan:
     @property
     def dropped_assignments(self) -> int:
         """Assignments the router made that no expert processed (capacity overflow)."""
-        return int(self.kept.numel() - self.kept.sum())
+        requested = self.kept.numel() if self.valid is None else int(self.valid.sum())
+        return int(requested - self.kept.sum())
 
     @property
     def dropped_tokens(self) -> int:
-        """Tokens none of whose ``k`` choices was processed: the layer's output for them is zero."""
+        """Tokens none of whose choices was processed: the layer's output for them is zero. Includes
+        tokens that no expert chose (expert choice)."""
         if self.kept.numel() == 0:
             return 0
         return int((~self.kept.any(dim=1)).sum())
@@ -91,17 +103,21 @@ def make_plan(routing: Routing, capacity_factor: float | None = None) -> Dispatc
     num_tokens, top_k = experts.shape
     num_experts = routing.num_experts
     device = experts.device
+    valid = routing.mask()
     # Slot-major flattening: index j*T + t is token t's j-th choice. A stable sort by expert then orders
     # each expert's rows by (choice, token), which is exactly the capacity priority.
     flat_expert = experts.t().reshape(-1)
     flat_weight = weights.t().reshape(-1)
+    flat_valid = valid.t().reshape(-1)
     flat_token = torch.arange(num_tokens, device=device).repeat(top_k)
     flat_slot = torch.arange(top_k, device=device).repeat_interleave(num_tokens)
-    order = torch.sort(flat_expert, stable=True).indices
-    requested = torch.bincount(flat_expert, minlength=num_experts)
+    candidates = flat_valid.nonzero().squeeze(1)  # the assignments, still in slot-major order
+    order = candidates[torch.sort(flat_expert[candidates], stable=True).indices]
+    requested = torch.bincount(flat_expert[candidates], minlength=num_experts)
 
     capacity = None
-    kept_flat = torch.ones_like(flat_expert, dtype=torch.bool)
+    kept_flat = torch.zeros_like(flat_expert, dtype=torch.bool)
+    kept_flat[order] = True
     if capacity_factor is not None:
         capacity = expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
         starts = torch.cumsum(requested, 0) - requested
@@ -123,6 +139,22 @@ def make_plan(routing: Routing, capacity_factor: float | None = None) -> Dispatc
         requested=requested,
         kept=kept_flat.reshape(top_k, num_tokens).t(),
         capacity=capacity,
+        valid=routing.valid,
+    )
+
+
+def slot_plan(num_experts: int, slots_per_expert: int, device=None) -> DispatchPlan:
+    """The plan of Soft MoE's ``S = E·p`` slots: slot ``s`` is row ``s``, processed by expert ``s // p``
+    with weight 1 (Puigcerver et al. 2024, eq. 2). The backends run it like any plan; the layer mixes
+    tokens into slots before and slot outputs into tokens after."""
+    num_slots = num_experts * slots_per_expert
+    rows = torch.arange(num_slots, device=device)
+    counts = torch.full((num_experts,), slots_per_expert, dtype=torch.long, device=device)
+    offsets = torch.arange(0, num_slots + 1, slots_per_expert, device=device)
+    return DispatchPlan(
+        token_index=rows, expert_index=rows // slots_per_expert, slot_index=torch.zeros_like(rows),
+        weights=torch.ones(num_slots, device=device), counts=counts, offsets=offsets, requested=counts.clone(),
+        kept=torch.ones(num_slots, 1, dtype=torch.bool, device=device), capacity=None,
     )
 
 

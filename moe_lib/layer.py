@@ -1,6 +1,7 @@
 """``MoELayer``: router → dispatch → expert bank → weighted combine, as one ``nn.Module``."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -8,11 +9,11 @@ from torch import Tensor, nn
 
 from ._validate import check_choice, check_int, check_nonnegative_float, check_positive_float
 from .backends import BACKENDS
-from .dispatch import DispatchPlan, make_plan
+from .dispatch import DispatchPlan, make_plan, slot_plan
 from .experts import ACTIVATIONS, EXPERTS, MLPExperts
-from .losses import load_balancing_loss, router_z_loss
+from .losses import importance_loss, load_balancing_loss, load_loss, router_z_loss
 from .metrics import routing_stats
-from .routers import ROUTERS, DenseRouter, Routing
+from .routers import ROUTERS, Routing
 
 
 @dataclass
@@ -22,11 +23,13 @@ class MoEInfo:
     Attributes:
         routing: the router's :class:`~moe_lib.routers.Routing` (logits, full softmax, chosen experts and
             their weights, per token of the flattened input).
-        plan: the :class:`~moe_lib.dispatch.DispatchPlan` (rows grouped by expert, counts, drops).
-        aux_losses: unweighted auxiliary losses by name: ``"load_balance"`` (Switch, eq. 4) and
-            ``"z_loss"`` (ST-MoE, eq. 5). They carry gradients.
-        aux_loss: their sum weighted by the layer's ``aux_loss_coef`` and ``z_loss_coef``; add it to the
-            training loss.
+        plan: the :class:`~moe_lib.dispatch.DispatchPlan` (rows grouped by expert, counts, drops; for Soft
+            MoE the plan of the slots, :func:`~moe_lib.dispatch.slot_plan`).
+        aux_losses: unweighted auxiliary losses by name: ``"load_balance"`` (Switch, eq. 4),
+            ``"z_loss"`` (ST-MoE, eq. 5), ``"importance"`` (Shazeer 2017, eq. 6) and, for the noisy top-k
+            router, ``"load"`` (Shazeer 2017, eq. 11). They carry gradients.
+        aux_loss: their sum weighted by the layer's ``aux_loss_coef``, ``z_loss_coef``,
+            ``importance_loss_coef`` and ``load_loss_coef``; add it to the training loss.
     """
 
     routing: Routing
@@ -46,24 +49,39 @@ class MoELayer(nn.Module):
         d_model: width of the input tokens (the last dimension of ``x``).
         d_ff: hidden width of each expert (``mlp``/``swiglu``; unused by ``linear`` experts).
         num_experts: number of experts ``E``.
-        top_k: experts per token. ``None`` means ``E`` for ``router="dense"`` and ``min(2, E)`` for
-            ``router="topk"``. The dense router requires ``top_k == num_experts``.
-        router: ``"dense"`` (softmax over every expert, Jacobs et al. 1991) or ``"topk"`` (Shazeer et al.
-            2017; Switch with ``top_k=1``; Mixtral with ``top_k=2``); see :data:`moe_lib.routers.ROUTERS`.
+        top_k: experts per token (for ``"expert_choice"`` the average). ``None`` means the router's default:
+            ``E`` for ``"dense"`` and ``"soft"``, 1 for ``"switch"``, ``"hash"`` and ``"base"``, 2 otherwise.
+        router: ``"dense"`` (softmax over every expert, Jacobs et al. 1991), ``"topk"`` (Shazeer et al.
+            2017 without noise; Mixtral with ``top_k=2``), ``"noisy_topk"`` (Shazeer et al. 2017),
+            ``"switch"`` (Fedus et al. 2022), ``"gshard"`` (Lepikhin et al. 2021), ``"expert_choice"`` (Zhou
+            et al. 2022), ``"hash"`` (Roller et al. 2021), ``"base"`` (Lewis et al. 2021), ``"soft"``
+            (Puigcerver et al. 2024) or ``"auxfree"`` (Wang et al. 2024); see
+            :mod:`moe_lib.routers`.
         expert: ``"linear"``, ``"mlp"`` or ``"swiglu"``; see :data:`moe_lib.experts.EXPERTS`.
         backend: ``"loop"`` (reference) or ``"torch"`` (batched); see :data:`moe_lib.backends.BACKENDS`.
         capacity_factor: ``None`` for dropless, else each expert processes at most
-            ``ceil(capacity_factor · T · k / E)`` assignments and the rest are dropped and counted.
-        normalize_weights: renormalise the top-k weights to sum to 1 (``router="topk"`` only).
+            ``ceil(capacity_factor · T · k / E)`` assignments and the rest are dropped and counted. For
+            ``"expert_choice"`` it scales the number of tokens each expert takes (``None`` = 1).
+        normalize_weights: renormalise the top-k weights to sum to 1 (``True``, Mixtral) or keep the raw
+            gate probabilities (``False``, Switch). ``None`` (default) keeps the router's own convention:
+            raw for ``"switch"``, renormalised for the other top-k routers.
         router_bias: give the gate a bias term.
         activation: hidden activation of ``mlp`` experts (``"relu"``, ``"gelu"``, ``"silu"``, ``"tanh"``).
         d_out: output width; ``None`` (default) keeps ``d_model`` so the output has the input's shape.
         aux_loss_coef: weight of the load-balancing loss in ``info.aux_loss`` (Switch uses 0.01).
         z_loss_coef: weight of the router z-loss in ``info.aux_loss`` (ST-MoE uses 0.001).
+        importance_loss_coef: weight of Shazeer's importance loss ``CV(Importance)²`` (0.1 in the paper).
+        load_loss_coef: weight of Shazeer's load loss ``CV(Load)²`` (0.1 in the paper); needs
+            ``router="noisy_topk"``, whose noise defines the smooth load.
+        router_dtype: ``"float32"`` (default, selective precision) or ``"bfloat16"`` for the router's
+            logits and softmax.
+        router_options: extra keyword arguments for the router class (e.g. ``{"slots_per_expert": 2}``
+            for ``"soft"``, ``{"update_rate": 0.001}`` for ``"auxfree"``, ``{"hash_bits": 8}`` for ``"hash"``).
 
     ``forward(x)`` takes ``[..., d_model]`` and returns ``[..., d_out]``. Routing details are reachable two
     ways: ``y, info = layer(x, return_info=True)`` returns a :class:`MoEInfo`, and ``layer.last_info``
-    holds the most recent one. ``info.aux_loss`` is the weighted auxiliary loss to add to a training
+    holds the most recent one. ``forward(x, token_ids=ids)`` passes integer token ids (shape
+    ``x.shape[:-1]``) to routers that use them (``"hash"``). ``info.aux_loss`` is the weighted auxiliary loss to add to a training
     loss; ``info.stats()`` gives the metrics.
 
     Example:
@@ -84,12 +102,16 @@ class MoELayer(nn.Module):
         expert: str = "swiglu",
         backend: str = "torch",
         capacity_factor: float | None = None,
-        normalize_weights: bool = True,
+        normalize_weights: bool | None = None,
         router_bias: bool = False,
         activation: str = "gelu",
         d_out: int | None = None,
         aux_loss_coef: float = 0.01,
         z_loss_coef: float = 0.0,
+        importance_loss_coef: float = 0.0,
+        load_loss_coef: float = 0.0,
+        router_dtype: str = "float32",
+        router_options: dict | None = None,
     ):
         super().__init__()
         self.d_model = check_int("d_model", d_model, minimum=1)
@@ -98,18 +120,36 @@ class MoELayer(nn.Module):
         router = check_choice("router", router, ROUTERS)
         expert = check_choice("expert", expert, EXPERTS)
         self.backend = check_choice("backend", backend, BACKENDS)
+        router_cls = ROUTERS[router]
         if top_k is None:
-            top_k = self.num_experts if router == DenseRouter.name else min(2, self.num_experts)
+            top_k = router_cls.default_top_k(self.num_experts)
         self.top_k = check_int("top_k", top_k, minimum=1, maximum=self.num_experts)
         self.capacity_factor = check_positive_float("capacity_factor", capacity_factor, allow_none=True)
         self.aux_loss_coef = check_nonnegative_float("aux_loss_coef", aux_loss_coef)
         self.z_loss_coef = check_nonnegative_float("z_loss_coef", z_loss_coef)
+        self.importance_loss_coef = check_nonnegative_float("importance_loss_coef", importance_loss_coef)
+        self.load_loss_coef = check_nonnegative_float("load_loss_coef", load_loss_coef)
+        if self.load_loss_coef > 0 and router != "noisy_topk":
+            raise ValueError(
+                f"load_loss_coef > 0 needs router='noisy_topk' (Shazeer's smooth load is defined by the "
+                f"router noise), got router={router!r}; use aux_loss_coef for other routers"
+            )
         check_choice("activation", activation, ACTIVATIONS)
+        if router_options is not None and not isinstance(router_options, dict):
+            raise TypeError(f"router_options must be a dict or None, got {type(router_options).__name__}")
 
-        router_kwargs = {"bias": router_bias}
-        if router != DenseRouter.name:
+        accepted = inspect.signature(router_cls.__init__).parameters
+        router_kwargs = {"bias": router_bias, "router_dtype": router_dtype}
+        if "normalize" in accepted and normalize_weights is not None:
             router_kwargs["normalize"] = normalize_weights
-        self.router = ROUTERS[router](self.d_model, self.num_experts, self.top_k, **router_kwargs)
+        if "capacity_factor" in accepted:
+            router_kwargs["capacity_factor"] = self.capacity_factor
+        for key in router_options or {}:
+            if key not in accepted or key in ("self", "d_model", "num_experts", "top_k"):
+                options = sorted(k for k in accepted if k not in ("self", "d_model", "num_experts", "top_k"))
+                raise ValueError(f"router_options key {key!r} is not accepted by router={router!r}; accepted: {options}")
+        router_kwargs.update(router_options or {})
+        self.router = router_cls(self.d_model, self.num_experts, self.top_k, **router_kwargs)
         expert_kwargs = {"activation": activation} if EXPERTS[expert] is MLPExperts else {}
         self.experts = EXPERTS[expert](self.num_experts, self.d_model, self.d_ff, d_out, **expert_kwargs)
         self.d_out = self.experts.d_out
@@ -122,19 +162,21 @@ class MoELayer(nn.Module):
             f"router={self.router.name!r}, expert={self.experts.kind!r}, backend={self.backend!r}, {cap}"
         )
 
-    def forward(self, x: Tensor, return_info: bool = False):
+    def forward(self, x: Tensor, return_info: bool = False, token_ids: Tensor | None = None):
         """Route, dispatch, run the experts and combine.
 
         Args:
             x: ``[..., d_model]``; any number of leading dimensions, including zero tokens.
             return_info: also return the :class:`MoEInfo` of this pass.
+            token_ids: optional integer tensor of shape ``x.shape[:-1]`` for routers that route by token
+                id (``"hash"``); ignored by the others.
 
         Returns:
             ``y`` of shape ``[..., d_out]``, or ``(y, info)`` when ``return_info`` is true.
 
         Raises:
-            TypeError: ``x`` is not a tensor.
-            ValueError: the last dimension of ``x`` is not ``d_model``.
+            TypeError: ``x`` or ``token_ids`` is not a tensor, or ``token_ids`` is not integer.
+            ValueError: the last dimension of ``x`` is not ``d_model``, or ``token_ids`` has the wrong shape.
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor of shape [..., d_model={self.d_model}], got {type(x).__name__}")
@@ -143,15 +185,36 @@ class MoELayer(nn.Module):
                 f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}"
             )
         leading = x.shape[:-1]
+        if token_ids is not None:
+            if not isinstance(token_ids, Tensor) or token_ids.is_floating_point() or token_ids.is_complex():
+                raise TypeError(f"token_ids must be an integer torch.Tensor of shape {tuple(leading)} or None")
+            if token_ids.shape != leading:
+                raise ValueError(f"token_ids must have shape x.shape[:-1] = {tuple(leading)}, got {tuple(token_ids.shape)}")
+            token_ids = token_ids.reshape(-1)
         tokens = x.reshape(-1, self.d_model)
-        routing = self.router(tokens)
-        plan = make_plan(routing, self.capacity_factor)
-        y = BACKENDS[self.backend](self.experts, tokens, plan)
+        routing = self.router(tokens, token_ids=token_ids)
+        backend = BACKENDS[self.backend]
+        if routing.is_soft:
+            # Soft MoE (Puigcerver et al. 2024, eq. 1-3): slots are convex mixtures of the tokens, each
+            # expert runs on its p slots, each token's output is a convex mixture of the slot outputs.
+            plan = slot_plan(self.num_experts, routing.slots_per_expert, tokens.device)
+            slots_in = routing.dispatch.t().to(tokens.dtype) @ tokens
+            slots_out = backend(self.experts, slots_in, plan)
+            y = routing.combine.to(slots_out.dtype) @ slots_out
+        else:
+            capacity_factor = None if self.router.owns_capacity else self.capacity_factor
+            plan = make_plan(routing, capacity_factor)
+            y = backend(self.experts, tokens, plan)
         aux_losses = {
-            "load_balance": load_balancing_loss(routing.probs, routing.experts),
+            "load_balance": load_balancing_loss(routing.probs, routing.experts, routing.valid),
             "z_loss": router_z_loss(routing.logits),
+            "importance": importance_loss(routing.dense_weights()),
         }
-        aux_loss = self.aux_loss_coef * aux_losses["load_balance"] + self.z_loss_coef * aux_losses["z_loss"]
+        aux_loss = (self.aux_loss_coef * aux_losses["load_balance"] + self.z_loss_coef * aux_losses["z_loss"]
+                    + self.importance_loss_coef * aux_losses["importance"])
+        if routing.noise_std is not None:
+            aux_losses["load"] = load_loss(routing.clean_logits, routing.logits, routing.noise_std, routing.top_k)
+            aux_loss = aux_loss + self.load_loss_coef * aux_losses["load"]
         info = MoEInfo(routing=routing, plan=plan, aux_losses=aux_losses, aux_loss=aux_loss)
         self.last_info = info
         y = y.reshape(*leading, self.d_out)
@@ -170,7 +233,7 @@ class MoELayer(nn.Module):
 
     def active_flops_per_token(self) -> int:
         """FLOPs one token costs: the gate plus ``k`` experts (matmuls only, 2 per multiply-add)."""
-        return 2 * self.d_model * self.num_experts + self.top_k * self.experts.flops_per_token()
+        return self.router.flops_per_token() + self.top_k * self.experts.flops_per_token()
 
     def num_parameters(self) -> dict[str, int]:
         """Total parameters and those one token uses (gate + ``k`` of the ``E`` experts)."""

@@ -103,40 +103,53 @@ def routing_stats(routing: Routing, plan: DispatchPlan) -> dict[str, float | lis
         ``processed``: assignments each expert actually processed (after capacity).
         ``load_cv``: coefficient of variation of ``load``; ``max_violation``: MaxVio of ``load``.
         ``experts_used_fraction``: fraction of experts that received at least one assignment.
-        ``active_fraction``: fraction of the experts that run for each token, ``k / E`` (1 for a dense gate).
+        ``active_fraction``: fraction of the experts that run for each token, ``k / E`` (1 for a dense gate
+        and Soft MoE; assignments / (T·E) for expert choice and GShard's random second expert).
         ``gate_entropy``: mean entropy (nats) of the combine weights a token uses.
         ``router_entropy``: mean entropy (nats) of the full softmax over all experts.
         ``effective_experts``: mean of ``exp(gate_entropy)`` per token.
         ``article_sparsity_ratio``: the article's ``(N − Σ|w|)/N``, mean over tokens.
-        ``tokens``: ``T``; ``assignments``: ``T·k``.
-        ``assignments_dropped`` / ``tokens_dropped`` / ``dropped_fraction``: capacity overflow.
+        ``tokens``: ``T``; ``assignments``: ``T·k`` (the valid ones; the slots for Soft MoE).
+        ``assignments_dropped`` / ``tokens_dropped`` / ``dropped_fraction``: capacity overflow;
+        ``tokens_dropped`` also counts tokens no expert chose (expert choice).
     """
     num_tokens, top_k = routing.experts.shape
+    num_experts = routing.num_experts
     load = plan.requested
     empty = num_tokens == 0
     with torch.no_grad():
         dense = routing.dense_weights()
         weights, probs = routing.weights.detach(), routing.probs.detach()
+        mask = routing.mask()
+    if routing.is_soft:  # Soft MoE: the experts process slots, every token uses every expert
+        assignments = int(plan.requested.sum())
+        active = 1.0
+    else:
+        assignments = int(mask.sum())
+        active = assignments / (num_tokens * num_experts) if num_tokens else top_k / num_experts
+    # tokens that received no weight at all (expert choice can leave tokens unchosen)
+    used = weights.sum(-1) > 0
 
     def mean(t: Tensor) -> float:
-        return float("nan") if empty else float(t.mean())
+        t = t[used] if t.shape[:1] == used.shape else t
+        return float("nan") if t.numel() == 0 else float(t.mean())
 
     return {
         "tokens": num_tokens,
-        "assignments": num_tokens * top_k,
+        "assignments": assignments,
         "load": load.tolist(),
         "processed": plan.counts.tolist(),
         "load_cv": coefficient_of_variation(load),
         "max_violation": max_violation(load),
         "experts_used_fraction": float((load > 0).double().mean()),
-        "active_fraction": top_k / routing.num_experts,
+        "active_fraction": active,
         "gate_entropy": mean(entropy(weights)),
         "router_entropy": mean(entropy(probs)),
         "effective_experts": mean(effective_num_experts(weights)),
         "article_sparsity_ratio": mean(article_sparsity_ratio(dense)),
         "assignments_dropped": plan.dropped_assignments,
         "tokens_dropped": plan.dropped_tokens,
-        "dropped_fraction": plan.dropped_assignments / (num_tokens * top_k) if num_tokens else 0.0,
+        "dropped_fraction": plan.dropped_assignments / assignments if assignments else 0.0,
     }
 
 
@@ -148,3 +161,26 @@ def format_stats(stats: dict, digits: int = 3) -> str:
             value = "nan" if math.isnan(value) else f"{value:.{digits}g}"
         lines.append(f"{key:>24}: {value}")
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def future_influence(layer: torch.nn.Module, x: Tensor, trials: int = 8, seed: int = 0) -> float:
+    """How much the *last* token of a sequence changes the outputs of the tokens *before* it.
+
+    ``x`` is ``[L, d_model]`` (one sequence); the last token is replaced by ``trials`` random tokens of the
+    same scale and the largest absolute change of ``layer(x)[:-1]`` is returned. A causal layer (every
+    token-choice router) gives exactly 0: a language model may use it. Expert choice and Soft MoE route
+    each token using the whole batch, so the future leaks into the past (Zhou et al. 2022, §6;
+    Puigcerver et al. 2024, §6).
+    """
+    g = torch.Generator().manual_seed(seed)
+    was_training = layer.training
+    layer.eval()
+    base = layer(x)
+    worst = 0.0
+    for _ in range(trials):
+        changed = x.clone()
+        changed[-1] = torch.randn(x.shape[-1], generator=g) * x.std()
+        worst = max(worst, float((layer(changed)[:-1] - base[:-1]).abs().max()))
+    layer.train(was_training)
+    return worst

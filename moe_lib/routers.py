@@ -1,49 +1,94 @@
 """Routers (gating networks): score every expert for every token, then choose which experts run.
 
 A router maps tokens ``x [T, d_model]`` to a :class:`Routing`: the raw scores, the full softmax over the
-``E`` experts, and for each token the ``k`` chosen experts with their combine weights. Everything after
-the router (dispatch, experts, combine) only reads the ``Routing``, so routers are interchangeable.
+``E`` experts, and for each token the experts it is assigned to with their combine weights. Everything
+after the router (dispatch, experts, combine) only reads the ``Routing``, so routers are interchangeable.
 
-Two routers live here; later chapters add more through :data:`ROUTERS`.
+The routers of :data:`ROUTERS` (``MoELayer(router=name)``):
 
-* ``"dense"`` — the classical softmax gate of Jacobs et al. (1991, eq. 1–3) and of the article the book
-  answers: every expert is weighted, ``f(x) = Σ_i w_i(x) h_i(x)`` with ``w = softmax(x W_g)``. ``k = E``.
+* ``"dense"`` — the classical softmax gate of Jacobs et al. (1991, eq. 1–3): every expert is weighted,
+  ``f(x) = Σ_i w_i(x) h_i(x)`` with ``w = softmax(x W_g)``. ``k = E``.
 * ``"topk"`` — keep the ``k`` largest gate probabilities per token (Shazeer et al. 2017, eq. 3–5 without
-  the noise; Switch Transformer with ``k = 1``, Fedus et al. 2022, eq. 1–2; Mixtral with ``k = 2``).
-  With ``normalize=True`` (default) the kept probabilities are renormalised to sum to 1, which equals a
-  softmax over the top-k logits (Mixtral); with ``normalize=False`` they are the raw probabilities
-  (Switch, GShard-style ``p_i`` without renormalisation).
+  the noise; Mixtral with ``k = 2``). ``normalize=True`` renormalises the kept probabilities.
+* ``"noisy_topk"`` — Shazeer et al. (2017, eq. 3–5): ``H(x) = x W_g + N(0, 1) · softplus(x W_noise)``
+  (noise in training only), ``G(x) = softmax(KeepTopK(H(x), k))``. Exposes what the smooth load
+  estimator of eq. 8–10 (:func:`moe_lib.losses.shazeer_load`) needs.
+* ``"switch"`` — top-1 with the raw probability as the gate value (Fedus et al. 2022, eq. 1–2).
+* ``"gshard"`` — top-2 with GShard's random second expert (Lepikhin et al. 2021, Algorithm 1): the two
+  gate values are renormalised, ``g1 + g2 = 1``, and in training the second expert is dispatched only if
+  ``2 · g2 > U(0, 1)``.
+* ``"expert_choice"`` — Zhou et al. (2022, eq. 1): ``S = softmax(X W_g)``; *each expert* takes its top-``C``
+  tokens, ``C = ceil(capacity_factor · T · k / E)``; ``k`` is the *average* number of experts per token.
+  A token may get several experts or none. Not causal: whether token ``t`` is chosen depends on the
+  other tokens of the batch, later ones included.
+* ``"hash"`` — Roller et al. (2021): no learned gate; the expert is a fixed random hash of the token id
+  (pass ``token_ids`` to the layer) or, without ids, of the input's sign pattern under a fixed random
+  projection (a locality-sensitive hash of the content). Deterministic; weight 1.
+* ``"base"`` — BASE layers (Lewis et al. 2021, eq. 1–2): in training, a *balanced* assignment of the
+  ``T`` tokens to the ``E`` experts (each takes at most ``ceil(T/E)``) maximising the total score
+  ``Σ_t h_t · w_{a_t}``; at evaluation each token goes to its best expert. Output weight
+  ``σ(h_t · w_{a_t})`` (eq. 3).
+* ``"soft"`` — Soft MoE (Puigcerver et al. 2024, eq. 1–3): ``E · p`` slots; slot inputs are convex
+  combinations of all tokens (``D = softmax`` over tokens, per slot) and each token's output a convex
+  combination of all slot outputs (``C = softmax`` over slots, per token). Never drops; not causal.
+* ``"auxfree"`` — auxiliary-loss-free balancing (Wang et al. 2024, eq. 3–4): a per-expert bias ``b`` is
+  added to the scores for the top-``k`` *selection* only; the gate values are the unbiased scores. After
+  each training step ``b_i ← b_i + u · sign(mean load − load_i)``, ``u = 0.001``
+  (:meth:`Router.after_step`, called by :func:`moe_lib.training.after_step`).
 
 Router arithmetic is done in float32 whatever the input dtype ("selective precision", Fedus et al. 2022,
-§2.4): a softmax in bfloat16 is one of the documented causes of training instability.
+§2.4); ``router_dtype="bfloat16"`` exists only to show why (chapter 6).
+
+How routers that do not pick ``k`` experts per token fit the data path: ``Routing.valid`` (``[T, k]``
+bool, optional) marks which of a row's ``k`` entries are real assignments. Expert choice returns all
+``E`` experts per token with ``valid`` marking the (token, expert) pairs the experts chose; GShard marks
+a second expert that lost its coin flip. Soft MoE is not an assignment at all: its ``Routing`` carries
+``dispatch`` and ``combine`` matrices ``[T, E·p]`` and :class:`moe_lib.MoELayer` runs the experts on the
+slots (see :func:`moe_lib.dispatch.slot_plan`).
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ._validate import check_bool, check_int
+from ._validate import check_bool, check_choice, check_int, check_nonnegative_float, check_positive_float
+
+ROUTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class Routing:
-    """What a router decided for ``T`` tokens over ``E`` experts, ``k`` per token.
+    """What a router decided for ``T`` tokens over ``E`` experts, up to ``k`` assignments per token.
 
     Attributes:
-        logits: ``[T, E]`` router scores (float32, or float64 for float64 input) ``x W_g`` (before any softmax).
-        probs: ``[T, E]`` float32 softmax of ``logits`` over *all* experts. Auxiliary losses use these
-            (the Switch load-balancing loss needs the full softmax, not the top-k-masked one).
-        experts: ``[T, k]`` int64 ids of the chosen experts; the ``k`` ids of a row are distinct and
-            ordered from the highest score to the lowest.
-        weights: ``[T, k]`` float32 combine weights of the chosen experts (``>= 0``).
+        logits: ``[T, E]`` router scores ``x W_g`` before any softmax (noisy in training for
+            ``noisy_topk``; ``[T, E·p]`` slot logits for Soft MoE).
+        probs: ``[T, E]`` float32 softmax over *all* experts. Auxiliary losses use these (the Switch
+            load-balancing loss needs the full softmax, not the top-k-masked one).
+        experts: ``[T, k]`` int64 ids of the chosen experts, distinct within a row.
+        weights: ``[T, k]`` float32 combine weights (``>= 0``; 0 where ``valid`` is false).
+        valid: optional ``[T, k]`` bool, which entries are real assignments (``None``: all of them).
+        clean_logits, noise_std: ``[T, E]`` ``x W_g`` and ``softplus(x W_noise)`` of the noisy top-k
+            router (``None`` otherwise), for the smooth load estimator of Shazeer et al. (2017, eq. 9).
+        dispatch, combine: ``[T, E·p]`` Soft MoE weights (``None`` for every other router): column ``s``
+            of ``dispatch`` sums to 1 over tokens, row ``t`` of ``combine`` sums to 1 over slots.
+        slots_per_expert: ``p`` of Soft MoE (0 otherwise).
     """
 
     logits: Tensor
     probs: Tensor
     experts: Tensor
     weights: Tensor
+    valid: Tensor | None = None
+    clean_logits: Tensor | None = None
+    noise_std: Tensor | None = None
+    dispatch: Tensor | None = None
+    combine: Tensor | None = None
+    slots_per_expert: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -55,12 +100,22 @@ class Routing:
 
     @property
     def num_experts(self) -> int:
-        return self.logits.shape[1]
+        return self.probs.shape[1]
+
+    @property
+    def is_soft(self) -> bool:
+        return self.dispatch is not None
+
+    def mask(self) -> Tensor:
+        """``[T, k]`` bool: which entries of ``experts`` are assignments (all true unless ``valid`` says)."""
+        if self.valid is None:
+            return torch.ones_like(self.experts, dtype=torch.bool)
+        return self.valid
 
     def dense_weights(self) -> Tensor:
         """The combine weights scattered into a ``[T, E]`` matrix (zeros for experts not chosen)."""
         out = torch.zeros_like(self.probs)
-        return out.scatter(1, self.experts, self.weights)
+        return out.scatter(1, self.experts, self.weights * self.mask().to(self.weights.dtype))
 
 
 class Router(nn.Module):
@@ -72,24 +127,53 @@ class Router(nn.Module):
         top_k: experts chosen per token.
         bias: add a learned bias to the gate scores. Modern sparse routers have none; a 1-D regression
             gate needs one to place its boundaries (chapter 1).
+        router_dtype: ``"float32"`` (default) or ``"bfloat16"`` — the precision of the router's logits and
+            softmax. bfloat16 exists to demonstrate the instability selective precision avoids.
     """
 
-    name = "base"
+    name = "abstract"  # subclasses set the name MoELayer(router=...) accepts
+    #: the router enforces its own capacity (the layer must not apply ``capacity_factor`` again)
+    owns_capacity = False
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, *, bias: bool = False):
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, bias: bool = False,
+                 router_dtype: str = "float32"):
         super().__init__()
         self.d_model = check_int("d_model", d_model, minimum=1)
         self.num_experts = check_int("num_experts", num_experts, minimum=1)
         self.top_k = check_int("top_k", top_k, minimum=1, maximum=self.num_experts)
+        self.router_dtype = check_choice("router_dtype", router_dtype, ROUTER_DTYPES)
         self.gate = nn.Linear(self.d_model, self.num_experts, bias=check_bool("router_bias", bias))
+
+    @classmethod
+    def default_top_k(cls, num_experts: int) -> int:
+        return min(2, num_experts)
+
+    def _linear(self, x: Tensor, layer: nn.Linear) -> Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        bias = None if layer.bias is None else layer.bias.to(dtype)
+        out = nn.functional.linear(x.to(dtype), layer.weight.to(dtype), bias)
+        if self.router_dtype != "float32" and dtype == torch.float32:
+            out = out.to(ROUTER_DTYPES[self.router_dtype])  # deliberately low precision (chapter 6)
+        return out
 
     def scores(self, x: Tensor) -> Tensor:
         """Router logits ``[T, E]``, computed in float32 at least (float64 inputs stay float64)."""
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        bias = None if self.gate.bias is None else self.gate.bias.to(dtype)
-        return nn.functional.linear(x.to(dtype), self.gate.weight.to(dtype), bias)
+        return self._linear(x, self.gate)
 
-    def forward(self, x: Tensor) -> Routing:  # pragma: no cover - abstract
+    @staticmethod
+    def _softmax(logits: Tensor) -> Tensor:
+        """Softmax in the logits' precision, returned as float32 (float64 stays float64)."""
+        probs = logits.softmax(dim=-1)
+        return probs if probs.dtype == torch.float64 else probs.float()
+
+    def flops_per_token(self) -> int:
+        """Matmul FLOPs of the router for one token (2 per multiply-add)."""
+        return 2 * self.d_model * self.gate.out_features
+
+    def after_step(self) -> None:
+        """Hook called once after each optimiser step (only the ``auxfree`` router uses it)."""
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -98,18 +182,23 @@ class DenseRouter(Router):
 
     name = "dense"
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int | None = None, *, bias: bool = False):
+    def __init__(self, d_model: int, num_experts: int, top_k: int | None = None, *, bias: bool = False,
+                 router_dtype: str = "float32"):
         top_k = num_experts if top_k is None else top_k
         if top_k != num_experts:
             raise ValueError(
                 f"router='dense' weights every expert, so top_k must equal num_experts ({num_experts}) "
                 f"or be None, got top_k={top_k}; use router='topk' to keep only k experts"
             )
-        super().__init__(d_model, num_experts, top_k, bias=bias)
+        super().__init__(d_model, num_experts, top_k, bias=bias, router_dtype=router_dtype)
 
-    def forward(self, x: Tensor) -> Routing:
+    @classmethod
+    def default_top_k(cls, num_experts: int) -> int:
+        return num_experts
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
         logits = self.scores(x)
-        probs = logits.softmax(dim=-1)
+        probs = self._softmax(logits)
         experts = torch.arange(self.num_experts, device=x.device).expand(x.shape[0], -1)
         return Routing(logits=logits, probs=probs, experts=experts, weights=probs)
 
@@ -120,21 +209,382 @@ class TopKRouter(Router):
     Args:
         normalize: renormalise the ``k`` kept probabilities to sum to 1 (Mixtral, DeepSeek-V3's
             ``norm_topk_prob``). ``False`` keeps the raw softmax probabilities (Switch Transformer).
+
+    With ``k = 1`` and ``normalize=True`` every weight is exactly 1, so the task loss sends the gate no
+    gradient (only auxiliary losses train it). Switch scales by the raw probability for that reason; the
+    router warns once if it is trained that way.
     """
 
     name = "topk"
+    _warned_no_gradient = False
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, *, bias: bool = False, normalize: bool = True):
-        super().__init__(d_model, num_experts, top_k, bias=bias)
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, bias: bool = False, normalize: bool = True,
+                 router_dtype: str = "float32"):
+        super().__init__(d_model, num_experts, top_k, bias=bias, router_dtype=router_dtype)
         self.normalize = check_bool("normalize_weights", normalize)
 
-    def forward(self, x: Tensor) -> Routing:
+    def _weights(self, top_p: Tensor) -> Tensor:
+        if not self.normalize:
+            return top_p
+        if top_p.shape[-1] == 1 and self.training and torch.is_grad_enabled() and not self._warned_no_gradient:
+            self._warned_no_gradient = True
+            warnings.warn(
+                f"router={self.name!r} with top_k=1 and normalize_weights=True gives every token weight 1, "
+                "so the router gets no gradient from the task loss; use router='switch' or "
+                "normalize_weights=False to scale by the gate probability (Fedus et al. 2022)",
+                stacklevel=3,
+            )
+        return top_p / top_p.sum(dim=-1, keepdim=True)
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
         logits = self.scores(x)
-        probs = logits.softmax(dim=-1)
+        probs = self._softmax(logits)
         top_p, experts = probs.topk(self.top_k, dim=-1)
-        weights = top_p / top_p.sum(dim=-1, keepdim=True) if self.normalize else top_p
-        return Routing(logits=logits, probs=probs, experts=experts, weights=weights)
+        return Routing(logits=logits, probs=probs, experts=experts, weights=self._weights(top_p))
+
+
+class SwitchRouter(TopKRouter):
+    """Switch Transformer top-1 (Fedus et al. 2022, eq. 1–2): ``p_i(x) = softmax(x W_r)_i``; the one
+    chosen expert's output is scaled by its raw probability ``p_i(x)`` (no renormalisation)."""
+
+    name = "switch"
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int = 1, *, bias: bool = False,
+                 normalize: bool = False, router_dtype: str = "float32"):
+        if top_k != 1:
+            raise ValueError(f"router='switch' routes each token to one expert, so top_k must be 1, got {top_k}")
+        super().__init__(d_model, num_experts, 1, bias=bias, normalize=normalize, router_dtype=router_dtype)
+
+    @classmethod
+    def default_top_k(cls, num_experts: int) -> int:
+        return 1
+
+
+class NoisyTopKRouter(TopKRouter):
+    """Noisy top-k gating (Shazeer et al. 2017, eq. 3–5).
+
+    ``H(x)_i = (x W_g)_i + StandardNormal() · softplus((x W_noise)_i)`` in training (eq. 4), ``H = x W_g``
+    in evaluation; ``G(x) = softmax(KeepTopK(H(x), k))`` (eq. 3, 5), i.e. the kept weights are a softmax
+    over the ``k`` kept noisy logits. ``W_g`` and ``W_noise`` start at zero (the paper's Appendix A: equal
+    load and some noise at the start). The noise is *learned* per token and expert — adding noise to the
+    input instead is a different method.
+    """
+
+    name = "noisy_topk"
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, bias: bool = False, normalize: bool = True,
+                 router_dtype: str = "float32"):
+        if not normalize:
+            raise ValueError("router='noisy_topk' computes softmax(KeepTopK(H, k)), so normalize_weights must be True")
+        super().__init__(d_model, num_experts, top_k, bias=bias, normalize=True, router_dtype=router_dtype)
+        self.noise = nn.Linear(self.d_model, self.num_experts, bias=False)
+        with torch.no_grad():
+            self.gate.weight.zero_()
+            self.noise.weight.zero_()
+            if self.gate.bias is not None:
+                self.gate.bias.zero_()
+
+    def flops_per_token(self) -> int:
+        return 2 * 2 * self.d_model * self.num_experts
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        clean = self.scores(x)
+        noise_std = nn.functional.softplus(self._linear(x, self.noise))
+        noisy = clean + torch.randn_like(clean) * noise_std if self.training else clean
+        probs = self._softmax(noisy)
+        top_logits, experts = noisy.topk(self.top_k, dim=-1)
+        weights = self._softmax(top_logits)  # softmax(KeepTopK(H, k)) restricted to the kept entries
+        return Routing(logits=noisy, probs=probs, experts=experts, weights=weights,
+                       clean_logits=clean, noise_std=noise_std)
+
+
+class GShardRouter(TopKRouter):
+    """Top-2 with GShard's random second expert (Lepikhin et al. 2021, Algorithm 1).
+
+    ``g1, g2`` are the two largest softmax probabilities renormalised to ``g1 + g2 = 1``. In training the
+    second expert is dispatched only when ``2 · g2 > U(0, 1)`` (so a token whose second choice is weak
+    usually goes to one expert); otherwise its entry is marked not ``valid`` and carries weight 0. The
+    first expert's weight stays ``g1`` (no renormalisation). In evaluation both are kept.
+    """
+
+    name = "gshard"
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *, bias: bool = False, normalize: bool = True,
+                 router_dtype: str = "float32"):
+        if top_k != 2:
+            raise ValueError(f"router='gshard' is a top-2 router, so top_k must be 2, got {top_k}")
+        if num_experts < 2:
+            raise ValueError(f"router='gshard' needs num_experts >= 2, got {num_experts}")
+        super().__init__(d_model, num_experts, 2, bias=bias, normalize=True, router_dtype=router_dtype)
+
+    @classmethod
+    def default_top_k(cls, num_experts: int) -> int:
+        return 2
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        routing = super().forward(x)
+        valid = torch.ones_like(routing.experts, dtype=torch.bool)
+        if self.training:
+            u = torch.rand(routing.weights.shape[0], device=x.device, dtype=routing.weights.dtype)
+            valid[:, 1] = 2 * routing.weights[:, 1].detach() > u
+        routing.weights = routing.weights * valid.to(routing.weights.dtype)
+        routing.valid = valid
+        return routing
+
+
+class ExpertChoiceRouter(Router):
+    """Expert choice (Zhou et al. 2022, §3.1, eq. 1): experts pick tokens.
+
+    ``S = softmax(X W_g)`` ``[T, E]``; ``G, I = TopK(Sᵀ, C)``: expert ``e`` processes its ``C`` highest-
+    scoring tokens with gate value ``S[t, e]``, where ``C = ceil(capacity_factor · T · k / E)`` (at most
+    ``T``) and ``k`` is the average number of experts per token (the paper's capacity factor ``c``).
+    Every expert is exactly full; a token can be chosen by ``0..E`` experts. The returned ``Routing``
+    lists all ``E`` experts per token, ``valid`` marking the chosen pairs.
+    """
+
+    name = "expert_choice"
+    owns_capacity = True
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, bias: bool = False,
+                 capacity_factor: float | None = None, router_dtype: str = "float32"):
+        super().__init__(d_model, num_experts, top_k, bias=bias, router_dtype=router_dtype)
+        self.capacity_factor = check_positive_float("capacity_factor", capacity_factor, allow_none=True)
+
+    def capacity(self, num_tokens: int) -> int:
+        factor = 1.0 if self.capacity_factor is None else self.capacity_factor
+        return min(num_tokens, math.ceil(factor * num_tokens * self.top_k / self.num_experts))
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        logits = self.scores(x)
+        probs = self._softmax(logits)
+        num_tokens = x.shape[0]
+        valid = torch.zeros_like(probs, dtype=torch.bool)
+        cap = self.capacity(num_tokens)
+        if cap > 0:
+            chosen = probs.t().topk(cap, dim=-1).indices  # [E, C] tokens each expert takes
+            valid[chosen, torch.arange(self.num_experts, device=x.device).unsqueeze(1)] = True
+        experts = torch.arange(self.num_experts, device=x.device).expand(num_tokens, -1)
+        weights = probs * valid.to(probs.dtype)
+        return Routing(logits=logits, probs=probs, experts=experts, weights=weights, valid=valid)
+
+
+_HASH_PRIME = 2_147_483_647  # 2^31 - 1
+
+
+def hash_to_expert(ids: Tensor, num_experts: int, seed: int = 0) -> Tensor:
+    """A fixed random hash of integer ids into ``[0, E)``: ``((a · id + b) mod p) mod E``, ``p = 2³¹ − 1``,
+    with ``a, b`` drawn once from ``seed`` (a universal hash family: distinct ids land on uniformly random,
+    independent-looking experts, the "random hash" of Roller et al. 2021, §3)."""
+    g = torch.Generator().manual_seed(int(seed))
+    a = int(torch.randint(1, _HASH_PRIME, (1,), generator=g))
+    b = int(torch.randint(0, _HASH_PRIME, (1,), generator=g))
+    ids = ids.long() % _HASH_PRIME
+    return ((ids * a + b) % _HASH_PRIME) % num_experts
+
+
+class HashRouter(Router):
+    """Hash layers (Roller et al. 2021): a fixed, untrained hash decides the expert; weight 1.
+
+    With ``token_ids`` (``[T]`` ints, passed through ``MoELayer.forward(x, token_ids=...)``) the expert is
+    :func:`hash_to_expert` of the id — the paper's random hash of the vocabulary. Without ids the router
+    hashes the *content*: the sign pattern of ``x`` under a fixed random projection to ``hash_bits`` bits
+    (a locality-sensitive hash), read as an integer and hashed the same way. Both are deterministic and
+    have no trainable parameter. ``logits`` are zeros, so ``probs`` is uniform.
+    """
+
+    name = "hash"
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int = 1, *, bias: bool = False,
+                 hash_bits: int = 8, hash_seed: int = 0, router_dtype: str = "float32"):
+        if top_k != 1:
+            raise ValueError(f"router='hash' sends each token to one expert, so top_k must be 1, got {top_k}")
+        super().__init__(d_model, num_experts, 1, bias=False, router_dtype=router_dtype)
+        del self.gate
+        self.gate = None
+        self.hash_bits = check_int("hash_bits", hash_bits, minimum=1, maximum=30)
+        self.hash_seed = check_int("hash_seed", hash_seed, minimum=0)
+        g = torch.Generator().manual_seed(self.hash_seed)
+        self.register_buffer("projection", torch.randn(self.d_model, self.hash_bits, generator=g))
+
+    @classmethod
+    def default_top_k(cls, num_experts: int) -> int:
+        return 1
+
+    def flops_per_token(self) -> int:
+        return 2 * self.d_model * self.hash_bits
+
+    def content_ids(self, x: Tensor) -> Tensor:
+        """``[T]`` integer code of each token: the bits ``x · R > 0`` of a fixed random projection ``R``."""
+        bits = (x.float() @ self.projection > 0).long()
+        return (bits << torch.arange(self.hash_bits, device=x.device)).sum(-1)
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        num_tokens = x.shape[0]
+        ids = self.content_ids(x) if token_ids is None else token_ids.reshape(-1).to(x.device)
+        experts = hash_to_expert(ids, self.num_experts, self.hash_seed).unsqueeze(1)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        logits = torch.zeros(num_tokens, self.num_experts, dtype=dtype, device=x.device)
+        return Routing(logits=logits, probs=self._softmax(logits), experts=experts,
+                       weights=torch.ones(num_tokens, 1, dtype=dtype, device=x.device))
+
+
+def balanced_assignment(scores: Tensor, capacity: int | None = None) -> Tensor:
+    """Assign each of ``T`` tokens to one of ``E`` experts, at most ``capacity`` per expert
+    (default ``ceil(T / E)``), preferring high ``scores [T, E]``.
+
+    Greedy auction rounds: every unassigned token bids for its best expert that still has room; each
+    expert accepts its highest bids up to its remaining room; repeat. Each round fills at least one
+    expert or assigns every bidder, so it ends after at most ``E`` rounds with every token assigned. It
+    approximates the linear assignment BASE solves with an auction algorithm (Lewis et al. 2021, §3.1);
+    when every token's favourite expert has room it returns exactly the argmax. Returns ``[T]`` int64.
+    """
+    num_tokens, num_experts = scores.shape
+    if capacity is None:
+        capacity = math.ceil(num_tokens / num_experts) if num_tokens else 0
+    if capacity * num_experts < num_tokens:
+        raise ValueError(f"capacity must be >= ceil(T / E) = {math.ceil(num_tokens / num_experts)}, got {capacity}")
+    scores = scores.detach()
+    assign = torch.full((num_tokens,), -1, dtype=torch.long, device=scores.device)
+    load = torch.zeros(num_experts, dtype=torch.long, device=scores.device)
+    while True:
+        pending = (assign < 0).nonzero().squeeze(1)
+        if pending.numel() == 0:
+            return assign
+        room = capacity - load
+        bids = scores[pending].masked_fill((room <= 0).unsqueeze(0), float("-inf"))
+        best, choice = bids.max(dim=1)
+        order = torch.sort(best, descending=True, stable=True).indices
+        order = order[torch.sort(choice[order], stable=True).indices]  # by expert, best bid first
+        counts = torch.bincount(choice, minlength=num_experts)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=scores.device) - starts[choice[order]]
+        accept = rank < room[choice]
+        assign[pending[accept]] = choice[accept]
+        load += torch.bincount(choice[accept], minlength=num_experts)
+
+
+class BaseRouter(Router):
+    """BASE layers (Lewis et al. 2021): balanced assignment in training, greedy at evaluation.
+
+    Training (§3.1, eq. 1): ``a = argmax_a Σ_t h_t · w_{a_t}`` subject to every expert receiving at most
+    ``ceil(T / E)`` tokens, solved approximately by :func:`balanced_assignment`. Evaluation (§3.2): each
+    token goes to its highest-scoring expert. The expert's output is scaled by ``σ(h_t · w_{a_t})``
+    (eq. 3), which is what trains the expert embeddings ``w``. Top-1 only; no auxiliary loss is needed.
+    """
+
+    name = "base"
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int = 1, *, bias: bool = False,
+                 router_dtype: str = "float32"):
+        if top_k != 1:
+            raise ValueError(f"router='base' assigns each token to one expert, so top_k must be 1, got {top_k}")
+        super().__init__(d_model, num_experts, 1, bias=bias, router_dtype=router_dtype)
+
+    @classmethod
+    def default_top_k(cls, num_experts: int) -> int:
+        return 1
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        logits = self.scores(x)
+        if self.training:
+            experts = balanced_assignment(logits).unsqueeze(1)
+        else:
+            experts = logits.argmax(dim=-1, keepdim=True)
+        weights = torch.sigmoid(logits.gather(1, experts))
+        weights = weights if weights.dtype == torch.float64 else weights.float()
+        return Routing(logits=logits, probs=self._softmax(logits), experts=experts, weights=weights)
+
+
+class SoftMoERouter(Router):
+    """Soft MoE (Puigcerver et al. 2024, §2.1, eq. 1–3): slots instead of assignments.
+
+    ``Φ`` ``[d, E·p]`` scores every token for every slot: ``logits = X Φ`` ``[T, E·p]``.
+    ``D = softmax(logits, dim=tokens)`` (each slot's input ``X̃_s = Σ_t D[t, s] x_t`` is a convex
+    combination of the tokens, eq. 1) and ``C = softmax(logits, dim=slots)`` (each token's output
+    ``y_t = Σ_s C[t, s] Ỹ_s`` a convex combination of the slot outputs, eq. 3). Expert ``e`` processes slots
+    ``e·p .. e·p + p − 1``. Nothing is dropped; every token depends on every other token of the batch.
+    ``probs``/``weights`` ``[T, E]`` are the combine weight each token gives each expert (``C`` summed over
+    the expert's slots). The paper's ℓ2 normalisation of ``X`` and ``Φ`` is omitted at this scale.
+    ``top_k`` must be ``E`` (every expert contributes to every token).
+    """
+
+    name = "soft"
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int | None = None, *, bias: bool = False,
+                 slots_per_expert: int = 1, router_dtype: str = "float32"):
+        top_k = num_experts if top_k is None else top_k
+        if top_k != num_experts:
+            raise ValueError(
+                f"router='soft' mixes every expert into every token, so top_k must equal num_experts "
+                f"({num_experts}) or be None, got top_k={top_k}; set slots_per_expert instead"
+            )
+        super().__init__(d_model, num_experts, top_k, bias=False, router_dtype=router_dtype)
+        self.slots_per_expert = check_int("slots_per_expert", slots_per_expert, minimum=1)
+        self.gate = nn.Linear(self.d_model, self.num_experts * self.slots_per_expert, bias=False)
+
+    @classmethod
+    def default_top_k(cls, num_experts: int) -> int:
+        return num_experts
+
+    def flops_per_token(self) -> int:
+        """Slot logits, plus the dispatch and combine matmuls (each ``2 · d · E·p`` per token)."""
+        return 3 * 2 * self.d_model * self.gate.out_features
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        logits = self.scores(x)
+        num_tokens = x.shape[0]
+        dispatch = logits.softmax(dim=0) if num_tokens else logits
+        combine = logits.softmax(dim=1)
+        if combine.dtype != torch.float64:
+            dispatch, combine = dispatch.float(), combine.float()
+        probs = combine.reshape(num_tokens, self.num_experts, self.slots_per_expert).sum(-1)
+        experts = torch.arange(self.num_experts, device=x.device).expand(num_tokens, -1)
+        return Routing(logits=logits, probs=probs, experts=experts, weights=probs, dispatch=dispatch,
+                       combine=combine, slots_per_expert=self.slots_per_expert)
+
+
+class AuxFreeRouter(TopKRouter):
+    """Auxiliary-loss-free load balancing (Wang et al. 2024, eq. 3–4).
+
+    Gate scores ``s = softmax(x W_g)``; selection ``TopK(s_i + b_i)`` uses a per-expert bias buffer ``b``,
+    but the gate values are the *unbiased* ``s_i`` of the selected experts (renormalised when
+    ``normalize``). After each training step :meth:`after_step` moves the bias against the load of the
+    last training batch: ``b_i ← b_i + u · sign(mean load − load_i)`` (``u = update_rate``, 0.001 in the
+    paper). The bias receives no gradient.
+    """
+
+    name = "auxfree"
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, bias: bool = False, normalize: bool = True,
+                 update_rate: float = 0.001, router_dtype: str = "float32"):
+        super().__init__(d_model, num_experts, top_k, bias=bias, normalize=normalize, router_dtype=router_dtype)
+        self.update_rate = check_nonnegative_float("update_rate", update_rate)
+        self.register_buffer("expert_bias", torch.zeros(self.num_experts))
+        self._pending_load: Tensor | None = None
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        logits = self.scores(x)
+        probs = self._softmax(logits)
+        experts = (probs.detach() + self.expert_bias.to(probs.dtype)).topk(self.top_k, dim=-1).indices
+        top_p = probs.gather(1, experts)
+        if self.training:
+            self._pending_load = torch.bincount(experts.reshape(-1), minlength=self.num_experts)
+        return Routing(logits=logits, probs=probs, experts=experts, weights=self._weights(top_p))
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """``b ← b + u · sign(mean load − load)`` with the load of the last training forward pass."""
+        if self._pending_load is None:
+            return
+        load = self._pending_load.to(self.expert_bias.dtype)
+        self.expert_bias += self.update_rate * torch.sign(load.mean() - load)
+        self._pending_load = None
 
 
 #: Router name -> class. ``MoELayer(router=name)`` looks names up here.
-ROUTERS: dict[str, type[Router]] = {DenseRouter.name: DenseRouter, TopKRouter.name: TopKRouter}
+ROUTERS: dict[str, type[Router]] = {
+    c.name: c
+    for c in (DenseRouter, TopKRouter, NoisyTopKRouter, SwitchRouter, GShardRouter, ExpertChoiceRouter,
+              HashRouter, BaseRouter, SoftMoERouter, AuxFreeRouter)
+}

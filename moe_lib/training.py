@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ._validate import check_int, check_positive_float
 from .layer import MoELayer
+from .metrics import max_violation
 
 
 def aux_loss_of(model: nn.Module) -> Tensor:
@@ -73,3 +74,72 @@ def fit_regression(
 def mse(model: nn.Module, x: Tensor, y: Tensor) -> float:
     """Mean squared error of ``model`` on ``(x, y)``."""
     return float(nn.functional.mse_loss(model(x), y))
+
+
+def after_step(model: nn.Module) -> None:
+    """Call every router's :meth:`~moe_lib.routers.Router.after_step` hook (the ``auxfree`` bias update,
+    Wang et al. 2024) — once after each optimiser step."""
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.router.after_step()
+
+
+@dataclass
+class ClassifierHistory:
+    """Per step: task loss (cross-entropy), auxiliary loss, the largest router logit (|max|) and the
+    MaxVio of the training batch's load (first MoE layer; Wang et al. 2024)."""
+
+    train_loss: list[float] = field(default_factory=list)
+    aux_loss: list[float] = field(default_factory=list)
+    max_logit: list[float] = field(default_factory=list)
+    max_violation: list[float] = field(default_factory=list)
+
+
+def fit_classifier(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    token_ids: Tensor | None = None,
+    steps: int = 300,
+    lr: float = 3e-3,
+    batch_size: int = 256,
+    seed: int = 0,
+    aux: bool = True,
+    progress: bool = False,
+    description: str | None = None,
+) -> ClassifierHistory:
+    """Minimise cross-entropy (+ the MoE auxiliary losses when ``aux``) with Adam on mini-batches.
+
+    ``model(x_batch, token_ids=ids_batch)`` is called when ``token_ids`` is given, ``model(x_batch)``
+    otherwise. Mini-batches are drawn from their own generator seeded by ``seed``, so a run is
+    deterministic. Routers' ``after_step`` hooks run after each optimiser step. ``progress`` shows a
+    tqdm bar (on stderr).
+    """
+    from tqdm import tqdm
+
+    steps = check_int("steps", steps, minimum=0)
+    lr = check_positive_float("lr", lr)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    history = ClassifierHistory()
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    model.train()
+    for _ in tqdm(range(steps), desc=description, disable=not progress, mininterval=1.0, leave=True):
+        idx = torch.randint(0, x.shape[0], (min(batch_size, x.shape[0]),), generator=g)
+        out = model(x[idx]) if token_ids is None else model(x[idx], token_ids=token_ids[idx])
+        loss = nn.functional.cross_entropy(out, y[idx])
+        aux_loss = aux_loss_of(model)
+        opt.zero_grad()
+        (loss + aux_loss if aux else loss).backward()
+        opt.step()
+        after_step(model)
+        history.train_loss.append(loss.item())
+        history.aux_loss.append(float(aux_loss.detach()))
+        history.max_logit.append(max((float(m.last_info.routing.logits.detach().abs().max())
+                                      for m in layers if m.last_info is not None), default=0.0))
+        if layers and layers[0].last_info is not None:
+            history.max_violation.append(max_violation(layers[0].last_info.plan.requested))
+    model.eval()
+    return history

@@ -154,3 +154,29 @@ def test_expert_outputs_are_every_expert_on_every_token():
     dense = MoELayer(5, 7, 3, router="dense", expert="mlp")
     w = dense.router(x.reshape(-1, 5)).probs.reshape(2, 4, 3, 1)
     torch.testing.assert_close(dense(x), (w * dense.expert_outputs(x)).sum(-2), rtol=1e-5, atol=1e-6)
+
+
+def test_switch_router_keeps_raw_probability_by_default():
+    """Regression: the layer's normalize_weights default must not renormalise Switch's top-1 weight to 1,
+    which would leave the router without a gradient from the task loss."""
+    torch.manual_seed(0)
+    layer = MoELayer(6, 8, 4, router="switch", expert="mlp")
+    x = torch.randn(32, 6)
+    y, info = layer(x, return_info=True)
+    assert torch.all(info.routing.weights < 1)
+    torch.testing.assert_close(info.routing.weights[:, 0], info.routing.probs.max(dim=1).values)
+    y.square().sum().backward()
+    assert layer.router.gate.weight.grad.abs().sum() > 0
+
+
+def test_top1_renormalised_training_warns_once():
+    layer = MoELayer(6, 8, 4, 1, router="topk", normalize_weights=True)
+    with pytest.warns(UserWarning, match="no gradient from the task loss"):
+        layer(torch.randn(5, 6))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.randn(5, 6))  # only once
+        layer.eval()
+        MoELayer(6, 8, 4, 1, router="topk").eval()(torch.randn(5, 6))  # inference: no warning

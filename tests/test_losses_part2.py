@@ -1,0 +1,82 @@
+"""Each auxiliary loss against a case computed by hand."""
+import math
+
+import pytest
+import torch
+
+from moe_lib.losses import (cv_squared, importance_loss, load_balancing_loss, load_loss, router_z_loss,
+                            shazeer_load)
+
+
+def phi(z):
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+def test_switch_loss_hand_case():
+    probs = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    experts = torch.tensor([[0], [0]])
+    # f = [1, 0], P = [0.55, 0.45] -> 2 * (1 * 0.55) = 1.1
+    torch.testing.assert_close(load_balancing_loss(probs, experts), torch.tensor(1.1))
+    # balanced: f = [0.5, 0.5] -> 2 * 0.5 * (0.55 + 0.45) = 1
+    torch.testing.assert_close(load_balancing_loss(probs, torch.tensor([[0], [1]])), torch.tensor(1.0))
+
+
+def test_switch_loss_ignores_invalid_entries_and_uses_full_softmax_gradient():
+    probs = torch.tensor([[0.7, 0.3], [0.4, 0.6]], requires_grad=True)
+    experts = torch.tensor([[0, 1], [1, 0]])
+    valid = torch.tensor([[True, False], [True, False]])
+    loss = load_balancing_loss(probs, experts, valid)  # f = [0.5, 0.5]
+    torch.testing.assert_close(loss, torch.tensor(1.0))
+    loss.backward()
+    # d/dP_ij of E * sum_i f_i mean_t P_ti = E * f_j / T = 2 * 0.5 / 2 for every entry
+    torch.testing.assert_close(probs.grad, torch.full((2, 2), 0.5))
+
+
+def test_z_loss_hand_case():
+    torch.testing.assert_close(router_z_loss(torch.zeros(3, 2)), torch.tensor(math.log(2) ** 2))
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    expected = math.log(math.e + math.e**2 + math.e**3) ** 2
+    torch.testing.assert_close(router_z_loss(logits), torch.tensor(expected))
+
+
+def test_cv_squared_and_importance_hand_cases():
+    torch.testing.assert_close(cv_squared(torch.tensor([1.0, 3.0])), torch.tensor(0.25))
+    torch.testing.assert_close(cv_squared(torch.tensor([2.0, 2.0, 2.0])), torch.tensor(0.0))
+    # one of E experts takes everything: CV^2 = E - 1
+    torch.testing.assert_close(cv_squared(torch.tensor([4.0, 0.0, 0.0, 0.0])), torch.tensor(3.0))
+    gates = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # importance [2, 0]
+    torch.testing.assert_close(importance_loss(gates), torch.tensor(1.0))
+    gates = torch.tensor([[0.75, 0.25], [0.25, 0.75]])  # importance [1, 1]
+    torch.testing.assert_close(importance_loss(gates), torch.tensor(0.0))
+
+
+def test_shazeer_load_hand_case():
+    clean = torch.tensor([[1.0, 0.0, 0.0]])
+    noisy = torch.tensor([[1.0, 0.2, -0.5]])
+    std = torch.tensor([[1.0, 2.0, 0.5]])
+    # k = 1: expert 0 is in the top 1 -> must beat the 2nd largest (0.2); others must beat the 1st (1.0)
+    expected = torch.tensor([phi(0.8), phi(-1.0 / 2.0), phi(-1.0 / 0.5)])
+    torch.testing.assert_close(shazeer_load(clean, noisy, std, 1), expected)
+    # k = 2: experts 0, 1 inside -> threshold is the 3rd largest (-0.5); expert 2 must beat the 2nd (0.2)
+    expected = torch.tensor([phi(1.5), phi(0.5 / 2.0), phi(-0.2 / 0.5)])
+    torch.testing.assert_close(shazeer_load(clean, noisy, std, 2), expected)
+    # k = E: every expert is always in: load = T
+    torch.testing.assert_close(shazeer_load(clean, noisy, std, 3), torch.tensor([1.0, 1.0, 1.0]))
+
+
+def test_load_loss_is_cv_squared_of_load_and_has_gradient():
+    torch.manual_seed(0)
+    clean = torch.randn(16, 4, requires_grad=True)
+    std = torch.rand(16, 4) + 0.5
+    noisy = clean.detach() + torch.randn(16, 4) * std
+    loss = load_loss(clean, noisy, std, 2)
+    torch.testing.assert_close(loss, cv_squared(shazeer_load(clean, noisy, std, 2)))
+    loss.backward()
+    assert clean.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("n", [0])
+def test_losses_on_empty_batches(n):
+    assert float(load_balancing_loss(torch.zeros(n, 3), torch.zeros(n, 1, dtype=torch.long))) == 0.0
+    assert float(router_z_loss(torch.zeros(n, 3))) == 0.0
+    assert torch.equal(shazeer_load(torch.zeros(n, 3), torch.zeros(n, 3), torch.ones(n, 3), 1), torch.zeros(3))

@@ -1,0 +1,358 @@
+"""Part II routers: invariants under hypothesis, and the loop and torch backends agree for every router."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moe_lib import ROUTERS, MoELayer, make_plan
+from moe_lib.dispatch import expert_capacity
+from moe_lib.routers import balanced_assignment, hash_to_expert
+
+settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True)
+settings.load_profile("ci")
+
+TOKEN_CHOICE = ["topk", "noisy_topk", "switch", "gshard", "hash", "base", "auxfree"]
+ALL = sorted(ROUTERS)
+
+
+def make_layer(router, num_experts, top_k=None, capacity_factor=None, d_model=5, expert="mlp", **kw):
+    if router in ("switch", "hash", "base"):
+        top_k = 1
+    elif router == "gshard":
+        top_k, num_experts = 2, max(num_experts, 2)
+    elif router in ("dense", "soft"):
+        top_k = num_experts
+    return MoELayer(d_model, 6, num_experts, top_k, router=router, expert=expert,
+                    capacity_factor=capacity_factor, **kw)
+
+
+@st.composite
+def cases(draw, routers=ALL):
+    router = draw(st.sampled_from(routers))
+    num_experts = draw(st.integers(1, 6))
+    top_k = draw(st.integers(1, num_experts))
+    capacity_factor = draw(st.one_of(st.none(), st.floats(0.2, 3.0)))
+    num_tokens = draw(st.integers(0, 30))
+    seed = draw(st.integers(0, 2**16))
+    training = draw(st.booleans())
+    torch.manual_seed(seed)
+    layer = make_layer(router, num_experts, top_k, capacity_factor).train(training)
+    x = torch.randn(num_tokens, 5) * draw(st.sampled_from([0.1, 1.0, 5.0]))
+    return layer, x
+
+
+@given(cases())
+def test_every_router_shapes_weights_and_capacity(case):
+    layer, x = case
+    T, E = x.shape[0], layer.num_experts
+    y, info = layer(x, return_info=True)
+    r, plan = info.routing, info.plan
+    assert y.shape == x.shape
+    assert r.probs.shape == (T, E)
+    assert r.experts.shape == r.weights.shape and r.experts.shape[0] == T
+    assert torch.all(r.weights >= 0)
+    assert torch.all(r.weights[~r.mask()] == 0)
+    torch.testing.assert_close(r.probs.sum(-1), torch.ones(T), rtol=0, atol=1e-5)
+    if T and not r.is_soft:
+        assert torch.all(r.experts.sort(dim=1).values.diff(dim=1) > 0), "distinct experts per token"
+        assert r.experts.min() >= 0 and r.experts.max() < E
+    if not r.is_soft and not layer.router.owns_capacity and layer.capacity_factor is not None and T:
+        cap = expert_capacity(T, r.top_k, E, layer.capacity_factor)
+        assert int(plan.counts.max()) <= cap
+        assert torch.equal(plan.counts, torch.clamp(plan.requested, max=cap))
+    # requested = valid assignments; kept + dropped = requested
+    if not r.is_soft:
+        assert int(plan.requested.sum()) == int(r.mask().sum())
+        assert int(plan.counts.sum()) + plan.dropped_assignments == int(r.mask().sum())
+        assert not torch.any(plan.kept & ~r.mask())
+    stats = info.stats()
+    assert 0.0 <= stats["dropped_fraction"] <= 1.0
+    assert torch.isfinite(info.aux_loss)
+
+
+@given(cases(["topk", "noisy_topk", "auxfree", "gshard"]))
+def test_top_k_weights_sum_to_one(case):
+    layer, x = case
+    layer.eval()
+    r = layer.router(x)
+    torch.testing.assert_close(r.weights.sum(-1), torch.ones(x.shape[0]), rtol=0, atol=1e-5)
+
+
+@given(st.integers(1, 8), st.integers(1, 40), st.data())
+def test_expert_choice_fills_every_quota_exactly(num_experts, num_tokens, data):
+    top_k = data.draw(st.integers(1, num_experts))
+    factor = data.draw(st.one_of(st.none(), st.floats(0.1, 4.0)))
+    torch.manual_seed(data.draw(st.integers(0, 1000)))
+    layer = make_layer("expert_choice", num_experts, top_k, factor)
+    x = torch.randn(num_tokens, 5)
+    y, info = layer(x, return_info=True)
+    r = info.routing
+    quota = min(num_tokens, math.ceil((factor or 1.0) * num_tokens * top_k / num_experts))
+    assert torch.equal(r.valid.sum(0), torch.full((num_experts,), quota))
+    assert torch.equal(info.plan.counts, torch.full((num_experts,), quota))
+    assert info.plan.dropped_assignments == 0
+    # the chosen tokens are each expert's highest-probability tokens
+    for e in range(num_experts):
+        chosen = r.probs[r.valid[:, e], e]
+        others = r.probs[~r.valid[:, e], e]
+        if chosen.numel() and others.numel():
+            assert chosen.min() >= others.max()
+    assert info.stats()["tokens_dropped"] == int((r.valid.sum(1) == 0).sum())
+
+
+@given(st.integers(1, 6), st.integers(1, 3), st.integers(0, 30), st.integers(0, 1000))
+def test_soft_moe_dispatch_and_combine_are_normalised(num_experts, slots, num_tokens, seed):
+    torch.manual_seed(seed)
+    layer = make_layer("soft", num_experts, router_options={"slots_per_expert": slots})
+    x = torch.randn(num_tokens, 5) * 3
+    y, info = layer(x, return_info=True)
+    r = info.routing
+    S = num_experts * slots
+    assert r.dispatch.shape == r.combine.shape == (num_tokens, S)
+    assert torch.all(r.dispatch >= 0) and torch.all(r.combine >= 0)
+    if num_tokens:
+        torch.testing.assert_close(r.dispatch.sum(0), torch.ones(S), rtol=0, atol=1e-5)
+        torch.testing.assert_close(r.combine.sum(1), torch.ones(num_tokens), rtol=0, atol=1e-5)
+    # y = C · experts(Dᵀ X): recompute slot by slot
+    slots_in = r.dispatch.t() @ x
+    slot_out = torch.stack([layer.experts.forward_expert(s // slots, slots_in[s : s + 1])[0] for s in range(S)])
+    torch.testing.assert_close(y, r.combine @ slot_out, rtol=1e-4, atol=1e-5)
+    assert info.stats()["tokens_dropped"] == 0
+
+
+@given(st.integers(1, 16), st.lists(st.integers(0, 10**6), min_size=0, max_size=50), st.integers(0, 5))
+def test_hash_routing_is_deterministic(num_experts, ids, seed):
+    ids = torch.tensor(ids, dtype=torch.long)
+    a = hash_to_expert(ids, num_experts, seed)
+    assert torch.equal(a, hash_to_expert(ids, num_experts, seed))
+    assert a.numel() == 0 or (a.min() >= 0 and a.max() < num_experts)
+    # two layers built independently route the same ids (and the same content) the same way
+    torch.manual_seed(seed)
+    l1 = make_layer("hash", num_experts, router_options={"hash_seed": seed})
+    torch.manual_seed(seed + 1)
+    l2 = make_layer("hash", num_experts, router_options={"hash_seed": seed})
+    x = torch.randn(ids.numel(), 5)
+    for kwargs in ({"token_ids": ids}, {}):
+        r1, r2 = l1.router(x, **kwargs), l2.router(x, **kwargs)
+        assert torch.equal(r1.experts, r2.experts)
+        assert torch.all(r1.weights == 1)
+    assert torch.equal(l1.router(x, token_ids=ids).experts[:, 0], a)
+    # same id -> same expert whatever the input
+    assert torch.equal(l1.router(torch.randn_like(x), token_ids=ids).experts, l1.router(x, token_ids=ids).experts)
+
+
+def test_hash_routing_spreads_ids_evenly():
+    counts = torch.bincount(hash_to_expert(torch.arange(8000), 8), minlength=8)
+    assert counts.min() > 900 and counts.max() < 1100
+
+
+@given(st.integers(1, 6), st.integers(1, 4), st.integers(0, 1000), st.floats(-0.5, 0.5))
+def test_aux_free_bias_changes_selection_never_gate_values(num_experts, top_k, seed, shift):
+    top_k = min(top_k, num_experts)
+    torch.manual_seed(seed)
+    layer = make_layer("auxfree", num_experts, top_k)
+    x = torch.randn(20, 5)
+    with torch.no_grad():
+        layer.router.expert_bias.copy_(torch.linspace(-1, 1, num_experts) * shift)
+    r = layer.router(x)
+    probs = torch.softmax(x @ layer.router.gate.weight.T, -1)
+    torch.testing.assert_close(r.probs, probs)
+    gate = probs.gather(1, r.experts)
+    torch.testing.assert_close(r.weights, gate / gate.sum(-1, keepdim=True))
+    # the selection is the top-k of probs + bias
+    biased = probs + layer.router.expert_bias
+    torch.testing.assert_close(biased.gather(1, r.experts).min(1).values,
+                               biased.topk(top_k, -1).values[:, -1])
+
+
+def test_aux_free_bias_update_rule():
+    torch.manual_seed(0)
+    layer = make_layer("auxfree", 4, 1, router_options={"update_rate": 0.01})
+    with torch.no_grad():  # every token to expert 0
+        layer.router.expert_bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    layer.train()
+    layer(torch.randn(8, 5))
+    layer.router.after_step()  # load [8, 0, 0, 0], mean 2 -> b += 0.01 * sign(2 - load)
+    torch.testing.assert_close(layer.router.expert_bias, torch.tensor([0.99, 0.01, 0.01, 0.01]))
+    layer.router.after_step()  # nothing pending: no change
+    torch.testing.assert_close(layer.router.expert_bias, torch.tensor([0.99, 0.01, 0.01, 0.01]))
+
+
+def test_gshard_random_second_expert():
+    torch.manual_seed(0)
+    layer = make_layer("gshard", 4).train()
+    x = torch.randn(4000, 5) * 3
+    r = layer.router(x)
+    assert torch.all(r.valid[:, 0])
+    g2 = r.probs.topk(2, -1).values
+    g2 = (g2[:, 1] / g2.sum(-1))
+    # the second expert is sent with probability min(1, 2 g2): compare the empirical rate
+    sent = r.valid[:, 1].float()
+    assert abs(float(sent.mean()) - float(torch.clamp(2 * g2, max=1).detach().mean())) < 0.03
+    torch.testing.assert_close(r.weights[:, 0] + g2 * sent, r.weights.sum(-1))
+    layer.eval()
+    assert torch.all(layer.router(x).valid)
+
+
+@given(st.integers(1, 8), st.integers(0, 60), st.integers(0, 1000))
+def test_balanced_assignment_respects_capacity(num_experts, num_tokens, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(num_tokens, num_experts, generator=g)
+    assign = balanced_assignment(scores)
+    cap = math.ceil(num_tokens / num_experts) if num_tokens else 0
+    assert assign.shape == (num_tokens,)
+    assert num_tokens == 0 or (assign.min() >= 0 and assign.max() < num_experts)
+    assert num_tokens == 0 or torch.bincount(assign, minlength=num_experts).max() <= cap
+
+
+def test_balanced_assignment_is_argmax_when_feasible_and_balances_a_collapsed_router():
+    scores = torch.eye(4).repeat(2, 1)  # 8 tokens, favourites already balanced
+    assert torch.equal(balanced_assignment(scores), scores.argmax(1))
+    scores = torch.tensor([[1.0, 0.0]] * 6)  # all prefer expert 0
+    assert torch.equal(torch.bincount(balanced_assignment(scores), minlength=2), torch.tensor([3, 3]))
+    with pytest.raises(ValueError, match="capacity"):
+        balanced_assignment(scores, capacity=2)
+
+
+def test_base_router_balances_in_training_greedy_in_eval():
+    torch.manual_seed(0)
+    layer = make_layer("base", 4)
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+        layer.router.gate.weight[0, 0] = 1.0
+    x = torch.randn(32, 5).abs()
+    r = layer.train().router(x)
+    assert torch.bincount(r.experts[:, 0], minlength=4).max() == 8
+    torch.testing.assert_close(r.weights, torch.sigmoid(r.logits.gather(1, r.experts)))
+    assert torch.all(layer.eval().router(x).experts == 0)
+
+
+def test_noisy_top_k_noise_only_in_training():
+    torch.manual_seed(0)
+    layer = make_layer("noisy_topk", 4, 2)
+    with torch.no_grad():
+        layer.router.gate.weight.normal_()
+        layer.router.noise.weight.normal_()
+    x = torch.randn(10, 5)
+    r = layer.eval().router(x)
+    torch.testing.assert_close(r.logits, r.clean_logits)
+    r = layer.train().router(x)
+    assert not torch.allclose(r.logits, r.clean_logits)
+    torch.testing.assert_close(r.noise_std, torch.nn.functional.softplus(x @ layer.router.noise.weight.T))
+    kept = r.logits.gather(1, r.experts)
+    torch.testing.assert_close(r.weights, torch.softmax(kept, -1))
+    _, info = layer(x, return_info=True)
+    assert "load" in info.aux_losses
+
+
+def reference_output(layer, x):
+    """Σ over kept (t, e) of w · h_e(x_t), token by token, from a routing computed once."""
+    r = layer.router(x)
+    plan = make_plan(r, None if layer.router.owns_capacity else layer.capacity_factor)
+    out = torch.zeros(x.shape[0], layer.d_out, dtype=torch.float64)
+    for t, j in plan.kept.nonzero().tolist():
+        e = int(r.experts[t, j])
+        out[t] += r.weights[t, j].double() * layer.experts.forward_expert(e, x[t : t + 1])[0].double()
+    return out
+
+
+@pytest.mark.parametrize("router", ALL)
+@pytest.mark.parametrize("capacity_factor", [None, 1.0, 0.5])
+@pytest.mark.parametrize("training", [False, True])
+def test_backends_agree_for_every_router(router, capacity_factor, training):
+    for num_experts in (2, 4):
+        torch.manual_seed(num_experts)
+        layer = make_layer(router, num_experts, 2 if num_experts > 1 else 1, capacity_factor,
+                           d_model=6, backend="loop").train(training)
+        if router == "noisy_topk":
+            with torch.no_grad():
+                layer.router.gate.weight.normal_()
+        x = torch.randn(3, 7, 6)
+        torch.manual_seed(1)
+        y_loop = layer(x)
+        layer.backend = "torch"
+        torch.manual_seed(1)
+        y_torch = layer(x)
+        torch.testing.assert_close(y_torch, y_loop, rtol=1e-5, atol=1e-6)
+        if router != "soft":
+            torch.manual_seed(1)
+            ref = reference_output(layer, x.reshape(-1, 6)).reshape(3, 7, 6)
+            torch.testing.assert_close(y_loop.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("router", ALL)
+def test_every_router_trains(router):
+    """The public API works for every router: gradients reach the router's parameters (if any)."""
+    torch.manual_seed(0)
+    layer = make_layer(router, 4, 2, importance_loss_coef=0.1, z_loss_coef=0.001)
+    x = torch.randn(2, 9, 5, requires_grad=True)
+    y, info = layer(x, return_info=True)
+    (y.square().mean() + info.aux_loss).backward()
+    params = [p for p in layer.router.parameters()]
+    if router != "hash":
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    else:
+        assert params == []
+    stats = info.stats()
+    assert stats["tokens"] == 18
+
+
+@pytest.mark.parametrize("router", ["expert_choice", "soft"])
+def test_non_causal_routers_let_the_future_change_the_past(router):
+    torch.manual_seed(0)
+    layer = make_layer(router, 4, 1).eval()
+    x = torch.randn(1, 12, 5)
+    y = layer(x)
+    causal = make_layer("topk", 4, 1).eval()
+    changed = 0
+    for _ in range(20):  # some future token changes an earlier token's output; never for top-k
+        x2 = x.clone()
+        x2[0, -1] = 3 * torch.randn(5)
+        changed += bool((layer(x2)[0, :-1] - y[0, :-1]).abs().max() > 1e-6)
+        assert torch.equal(causal(x2)[0, :-1], causal(x)[0, :-1])
+    assert changed > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"router": "switch", "top_k": 2}, ValueError, ["switch", "top_k"]),
+        ({"router": "gshard", "top_k": 1}, ValueError, ["gshard", "top_k"]),
+        ({"router": "hash", "top_k": 2}, ValueError, ["hash", "top_k"]),
+        ({"router": "base", "top_k": 2}, ValueError, ["base", "top_k"]),
+        ({"router": "soft", "top_k": 2}, ValueError, ["soft", "top_k"]),
+        ({"router": "topk", "load_loss_coef": 0.1}, ValueError, ["load_loss_coef", "noisy_topk"]),
+        ({"router": "soft", "router_options": {"slots_per_expert": 0}}, ValueError, ["slots_per_expert"]),
+        ({"router": "soft", "router_options": {"bogus": 1}}, ValueError, ["bogus", "slots_per_expert"]),
+        ({"router": "topk", "router_options": [1]}, TypeError, ["router_options"]),
+        ({"router": "topk", "router_dtype": "fp8"}, ValueError, ["router_dtype", "'bfloat16'"]),
+        ({"router": "auxfree", "router_options": {"update_rate": -1.0}}, ValueError, ["update_rate"]),
+        ({"importance_loss_coef": -1.0}, ValueError, ["importance_loss_coef"]),
+    ],
+)
+def test_bad_router_arguments(kwargs, error, words):
+    base = dict(d_model=8, d_ff=16, num_experts=4)
+    with pytest.raises(error) as excinfo:
+        MoELayer(**{**base, **kwargs})
+    for word in words:
+        assert word in str(excinfo.value)
+
+
+def test_bad_token_ids():
+    layer = MoELayer(8, 16, 4, router="hash")
+    with pytest.raises(ValueError, match="token_ids"):
+        layer(torch.randn(2, 3, 8), token_ids=torch.zeros(6, dtype=torch.long))
+    with pytest.raises(TypeError, match="token_ids"):
+        layer(torch.randn(2, 3, 8), token_ids=torch.zeros(2, 3))
+
+
+def test_future_influence_metric():
+    from moe_lib.metrics import future_influence
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 5)
+    assert future_influence(make_layer("topk", 4, 2), x) == 0.0
+    assert future_influence(make_layer("soft", 4), x) > 0.0
+    assert future_influence(make_layer("expert_choice", 4, 1), x, trials=20) > 0.0
