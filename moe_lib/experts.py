@@ -130,5 +130,27 @@ class SwiGLUExperts(ExpertBank):
         return 2 * self.d_ff * (2 * self.d_model + self.d_out)
 
 
+class GLUExperts(SwiGLUExperts):
+    """``h_e(x) = (act(x Wg_e) ⊙ x Wu_e) Wd_e`` — a gated FFN with any activation of
+    :data:`ACTIVATIONS` (Shazeer 2020, eq. 5–6: GEGLU with ``"gelu"``, ReGLU with ``"relu"``; ``"silu"``
+    is SwiGLU). Same weights and FLOPs as :class:`SwiGLUExperts`; used by :func:`moe_lib.from_transformers`
+    for checkpoints whose ``hidden_act`` is not SiLU."""
+
+    kind = "glu"
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, d_out: int | None = None, activation: str = "silu"):
+        super().__init__(num_experts, d_model, d_ff, d_out)
+        self.activation = check_choice("activation", activation, ACTIVATIONS)
+
+    def forward_expert(self, e: int, x: Tensor) -> Tensor:
+        return (ACTIVATIONS[self.activation](x @ self.w_gate[e]) * (x @ self.w_up[e])) @ self.w_down[e]
+
+    def forward_padded(self, x: Tensor) -> Tensor:
+        h = ACTIVATIONS[self.activation](torch.bmm(x, self.w_gate)) * torch.bmm(x, self.w_up)
+        return torch.bmm(h, self.w_down)
+
+
 #: Expert kind -> class. ``MoELayer(expert=name)`` looks names up here.
-EXPERTS: dict[str, type[ExpertBank]] = {c.kind: c for c in (LinearExperts, MLPExperts, SwiGLUExperts)}
+EXPERTS: dict[str, type[ExpertBank]] = {
+    c.kind: c for c in (LinearExperts, MLPExperts, SwiGLUExperts, GLUExperts)
+}

@@ -35,6 +35,11 @@ The routers of :data:`ROUTERS` (``MoELayer(router=name)``):
   added to the scores for the top-``k`` *selection* only; the gate values are the unbiased scores. After
   each training step ``b_i ← b_i + u · sign(mean load − load_i)``, ``u = 0.001``
   (:meth:`Router.after_step`, called by :func:`moe_lib.training.after_step`).
+* ``"group_limited"`` — DeepSeek-V3 (2024, eq. 12–16): sigmoid scores, a correction bias for the
+  selection only, top-k restricted to the ``topk_group`` best of ``n_group`` expert groups, gate values
+  renormalised and multiplied by a scaling factor. Used by :func:`moe_lib.from_transformers`.
+* ``"group_capacity"`` — top-k (Switch: top-1, raw probability) with a fixed expert capacity per group
+  of tokens (one sequence), the overflow dropped: Switch Transformer as Hugging Face runs it.
 
 Router arithmetic is done in float32 whatever the input dtype ("selective precision", Fedus et al. 2022,
 §2.4); ``router_dtype="bfloat16"`` exists only to show why (chapter 6).
@@ -582,9 +587,157 @@ class AuxFreeRouter(TopKRouter):
         self._pending_load = None
 
 
+class GroupLimitedRouter(Router):
+    """DeepSeek-V3's router (DeepSeek-AI 2024, §2.1.1–2.1.2, eq. 12–16): sigmoid scores, group-limited,
+    bias-corrected top-k selection, normalised and scaled gate values.
+
+    ``s = σ(x W_g)`` ``[T, E]`` (``score="sigmoid"``; ``"softmax"`` for DeepSeek-V2-style routers). For
+    the *selection only*, a per-expert correction bias ``b`` (buffer ``score_bias``, DeepSeek-V3's
+    ``e_score_correction_bias``; aux-loss-free balancing, Wang et al. 2024, eq. 3) is added:
+    ``s' = s + b``. The ``E`` experts form ``n_group`` equal groups; each group is scored by the sum of
+    its two largest ``s'`` (group limited routing: only the ``topk_group`` best groups are eligible), and
+    the ``k`` largest ``s'`` among the eligible experts are chosen. The gate values are the *uncorrected*
+    ``s`` of the chosen experts, renormalised to sum to 1 when ``normalize`` (``norm_topk_prob``;
+    eq. 13), then multiplied by ``scaling_factor`` (``routed_scaling_factor``, 2.5 in DeepSeek-V3).
+
+    ``Routing.probs`` is ``s / Σ s`` — the sigmoid scores normalised over the experts (DeepSeek-V3's
+    sequence-wise balance loss uses these, eq. 18–20); for ``score="softmax"`` it is the softmax.
+
+    Args:
+        n_group, topk_group: number of expert groups and how many of them a token may use
+            (``n_group=1`` disables the group limit). ``top_k <= topk_group · E / n_group``.
+        scaling_factor: multiplies every gate value after normalisation.
+        update_rate: ``u`` of the aux-loss-free bias update ``b_i ← b_i + u · sign(mean load − load_i)``
+            applied by :meth:`after_step` (0, the default, keeps the bias fixed, as at inference).
+    """
+
+    name = "group_limited"
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, bias: bool = False, normalize: bool = True,
+                 score: str = "sigmoid", n_group: int = 1, topk_group: int = 1, scaling_factor: float = 1.0,
+                 update_rate: float = 0.0, router_dtype: str = "float32"):
+        super().__init__(d_model, num_experts, top_k, bias=bias, router_dtype=router_dtype)
+        self.normalize = check_bool("normalize_weights", normalize)
+        self.score = check_choice("score", score, ("sigmoid", "softmax"))
+        self.n_group = check_int("n_group", n_group, minimum=1, maximum=self.num_experts)
+        if self.num_experts % self.n_group:
+            raise ValueError(f"n_group must divide num_experts={self.num_experts}, got n_group={self.n_group}")
+        self.topk_group = check_int("topk_group", topk_group, minimum=1, maximum=self.n_group)
+        eligible = self.topk_group * (self.num_experts // self.n_group)
+        if self.top_k > eligible:
+            raise ValueError(
+                f"top_k must be <= topk_group * num_experts / n_group = {eligible} (the experts a token may "
+                f"reach), got top_k={self.top_k}"
+            )
+        self.scaling_factor = check_positive_float("scaling_factor", scaling_factor)
+        self.update_rate = check_nonnegative_float("update_rate", update_rate)
+        self.register_buffer("score_bias", torch.zeros(self.num_experts))
+        self._pending_load: Tensor | None = None
+
+    def gate_scores(self, logits: Tensor) -> Tensor:
+        """``σ(logits)`` (or their softmax), float32 at least."""
+        s = logits.sigmoid() if self.score == "sigmoid" else logits.softmax(dim=-1)
+        return s if s.dtype == torch.float64 else s.float()
+
+    def select(self, scores: Tensor) -> Tensor:
+        """``[T, k]`` experts: top-k of ``scores + score_bias`` within the ``topk_group`` best groups."""
+        choice = scores.detach() + self.score_bias.to(scores.dtype)
+        if self.n_group > 1:
+            per_group = self.num_experts // self.n_group
+            grouped = choice.view(-1, self.n_group, per_group)
+            group_score = grouped.topk(min(2, per_group), dim=-1).values.sum(-1)  # [T, n_group]
+            keep = group_score.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter(1, keep, True)
+            choice = choice.masked_fill(~group_mask.repeat_interleave(per_group, dim=1), float("-inf"))
+        return choice.topk(self.top_k, dim=-1).indices
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        logits = self.scores(x)
+        s = self.gate_scores(logits)
+        experts = self.select(s)
+        weights = s.gather(1, experts)
+        if self.normalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * self.scaling_factor
+        if self.training:
+            self._pending_load = torch.bincount(experts.reshape(-1), minlength=self.num_experts)
+        probs = s / s.sum(dim=-1, keepdim=True).clamp_min(1e-20) if self.score == "sigmoid" else s
+        return Routing(logits=logits, probs=probs, experts=experts, weights=weights)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """``b ← b + u · sign(mean load − load)`` with the last training batch's load (no-op if ``u = 0``)."""
+        if self._pending_load is None or self.update_rate == 0:
+            self._pending_load = None
+            return
+        load = self._pending_load.to(self.score_bias.dtype)
+        self.score_bias += self.update_rate * torch.sign(load.mean() - load)
+        self._pending_load = None
+
+
+class GroupCapacityRouter(TopKRouter):
+    """Top-k with a fixed expert capacity *per group of tokens* — Switch Transformer as Mesh TensorFlow
+    and Hugging Face run it (Fedus et al. 2022, eq. 3; one group = one sequence).
+
+    Selection and gate values are those of :class:`TopKRouter` (``normalize=False``, the default, keeps
+    the raw probability, Switch eq. 2). The ``T`` tokens are cut into consecutive groups of
+    ``group_size`` (``None``: one group). Inside a group each expert serves at most ``expert_capacity``
+    assignments — or ``ceil(capacity_factor · G · k / E)`` for a group of ``G`` tokens — in priority
+    order: every first choice before any second choice, earlier tokens first. The overflow is marked
+    ``valid = False`` with weight 0: those tokens get no expert output (the residual carries them) and
+    show up in ``plan.dropped_tokens`` / ``stats()["tokens_dropped"]``. With neither limit set it is
+    dropless. ``group_size`` is an attribute a caller may set per batch (the sequence length).
+    """
+
+    name = "group_capacity"
+    owns_capacity = True
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int = 1, *, bias: bool = False,
+                 normalize: bool = False, expert_capacity: int | None = None, group_size: int | None = None,
+                 capacity_factor: float | None = None, router_dtype: str = "float32"):
+        super().__init__(d_model, num_experts, top_k, bias=bias, normalize=normalize, router_dtype=router_dtype)
+        if expert_capacity is not None:
+            expert_capacity = check_int("expert_capacity", expert_capacity, minimum=0)
+        self.expert_capacity = expert_capacity
+        self.capacity_factor = check_positive_float("capacity_factor", capacity_factor, allow_none=True)
+        self.group_size = None if group_size is None else check_int("group_size", group_size, minimum=1)
+
+    @classmethod
+    def default_top_k(cls, num_experts: int) -> int:
+        return 1
+
+    def capacity(self, group_tokens: int) -> int | None:
+        """Assignments one expert may serve in a group of ``group_tokens`` tokens (``None``: unlimited)."""
+        if self.expert_capacity is not None:
+            return self.expert_capacity
+        if self.capacity_factor is not None:
+            return math.ceil(self.capacity_factor * group_tokens * self.top_k / self.num_experts)
+        return None
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        routing = super().forward(x)
+        num_tokens = x.shape[0]
+        group = num_tokens if self.group_size is None else self.group_size
+        if num_tokens == 0 or self.capacity(min(group, num_tokens)) is None:
+            return routing
+        if num_tokens % group:
+            raise ValueError(f"the number of tokens ({num_tokens}) must be a multiple of group_size={group}")
+        num_groups = num_tokens // group
+        # [groups, k, G, E] one-hot in priority order (choice-major, then token), cumulative count per expert
+        one_hot = nn.functional.one_hot(routing.experts, self.num_experts)  # [T, k, E]
+        ordered = one_hot.view(num_groups, group, self.top_k, self.num_experts).transpose(1, 2)
+        priority = ordered.reshape(num_groups, self.top_k * group, self.num_experts).cumsum(dim=1)
+        position = (priority * ordered.reshape(num_groups, self.top_k * group, self.num_experts)).sum(-1)
+        valid = (position <= self.capacity(group)).view(num_groups, self.top_k, group).transpose(1, 2)
+        valid = valid.reshape(num_tokens, self.top_k)
+        routing.valid = valid
+        routing.weights = routing.weights * valid.to(routing.weights.dtype)
+        return routing
+
+
 #: Router name -> class. ``MoELayer(router=name)`` looks names up here.
 ROUTERS: dict[str, type[Router]] = {
     c.name: c
     for c in (DenseRouter, TopKRouter, NoisyTopKRouter, SwitchRouter, GShardRouter, ExpertChoiceRouter,
-              HashRouter, BaseRouter, SoftMoERouter, AuxFreeRouter)
+              HashRouter, BaseRouter, SoftMoERouter, AuxFreeRouter, GroupLimitedRouter, GroupCapacityRouter)
 }
