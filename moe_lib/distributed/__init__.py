@@ -1,0 +1,20 @@
+"""Expert parallelism over ``torch.distributed``: experts sharded across ranks, tokens moved by all-to-all.
+
+* :class:`ExpertParallelMoE` — built from a single-process :class:`~moe_lib.MoELayer` with
+  :meth:`ExpertParallelMoE.from_layer`; same router, same dispatch plan, same combine.
+* :func:`all_to_all` — differentiable uneven ``all_to_all_single``.
+* :func:`init_distributed` — gloo on the CPU, NCCL on GPUs, bounded timeout; run under ``torchrun``.
+* :func:`launch` — local CPU ranks for tests and notebooks.
+* :mod:`moe_lib.distributed.cost` — a cost model of all-to-all volume, compute and memory per GPU.
+"""
+from . import check, cost
+from .comm import (DEFAULT_TIMEOUT_S, LaunchError, all_to_all, default_backend, exchange_counts, free_port,
+                   init_distributed, launch, run_torchrun)
+from .cost import EPCost, ep_cost
+from .layer import ExpertParallelMoE, expected_remote_fraction, shard_range
+
+__all__ = [
+    "ExpertParallelMoE", "all_to_all", "exchange_counts", "init_distributed", "launch", "LaunchError",
+    "default_backend", "free_port", "run_torchrun", "shard_range", "expected_remote_fraction", "EPCost", "ep_cost",
+    "DEFAULT_TIMEOUT_S", "check", "cost",
+]
