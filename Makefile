@@ -43,14 +43,17 @@ notebooks: $(STAMP)
 test: test-unit test-nbval test-papermill test-build test-browser
 
 # (a) moe_lib's own tests: everything in tests/ but the notebook and browser tests.
+# Two pytest workers (pytest-xdist): the CI machine has 2 cores and the notebooks run on one thread each.
+JOBS ?= 2
+
 test-unit: $(STAMP)
-	$(PY) -m pytest tests -m "not notebooks and not browser"
+	$(PY) -m pytest tests -m "not notebooks and not browser" -n $(JOBS)
 
 # (b) strict nbval: a fresh run of every notebook in _toc.yml must print what the notebook stores.
 test-nbval: $(STAMP)
 	nbs="$$($(PY) scripts/toc_notebooks.py)" && \
 	$(PY) -m pytest -p no:cacheprovider --nbval --nbval-current-env --nbval-cell-timeout=300 \
-	    --nbval-sanitize-with tests/nbval_sanitize.cfg $$nbs
+	    --nbval-sanitize-with tests/nbval_sanitize.cfg -n $(JOBS) --dist loadfile --durations=15 $$nbs
 
 # (c) papermill: parameters cells, parameter injection, one notebook end to end with other values.
 test-papermill: $(STAMP)

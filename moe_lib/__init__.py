@@ -5,12 +5,35 @@ One data path for every mixture in the book, from the 1991 mixture of local expe
     x [..., d] -> router -> dispatch (group by expert, capacity) -> expert bank -> weighted combine -> y
 
 Start with :class:`MoELayer`. Subpackages: :mod:`moe_lib.classic` (the 1991 mixture's losses, hierarchical
-mixtures and EM), :mod:`moe_lib.tasks` (the multi-domain task of Part II), :mod:`moe_lib.data`.
+mixtures and EM), :mod:`moe_lib.tasks` (the multi-domain task of Part II), :mod:`moe_lib.models` (a small
+MoE Transformer language model), :mod:`moe_lib.corpus` (its offline byte corpus), :mod:`moe_lib.interop`
+(:func:`from_transformers` for Hugging Face MoE blocks), :mod:`moe_lib.distributed` (expert parallelism),
+:mod:`moe_lib.serving` and :mod:`moe_lib.business` (decode cost, the cost calculator), :mod:`moe_lib.data`.
 """
-from . import backends, classic, data, dispatch, experts, losses, metrics, routers, tasks, training, utils
+from . import (
+    backends,
+    business,
+    classic,
+    corpus,
+    data,
+    dispatch,
+    distributed,
+    experts,
+    interop,
+    losses,
+    metrics,
+    models,
+    routers,
+    serving,
+    tasks,
+    training,
+    utils,
+)
 from .backends import BACKENDS
 from .dispatch import DispatchPlan, make_plan
-from .experts import EXPERTS, ExpertBank, LinearExperts, MLPExperts, SwiGLUExperts
+from .distributed import ExpertParallelMoE
+from .experts import EXPERTS, ExpertBank, GLUExperts, LinearExperts, MLPExperts, SwiGLUExperts
+from .interop import from_transformers
 from .layer import MoEInfo, MoELayer
 from .routers import (
     ROUTERS,
@@ -18,6 +41,8 @@ from .routers import (
     BaseRouter,
     DenseRouter,
     ExpertChoiceRouter,
+    GroupCapacityRouter,
+    GroupLimitedRouter,
     GShardRouter,
     HashRouter,
     NoisyTopKRouter,
@@ -38,10 +63,11 @@ __all__ = [
     "ROUTERS", "EXPERTS", "BACKENDS",
     "Router", "DenseRouter", "TopKRouter", "NoisyTopKRouter", "SwitchRouter", "GShardRouter",
     "ExpertChoiceRouter", "HashRouter", "BaseRouter", "SoftMoERouter", "AuxFreeRouter",
-    "ExpertBank", "LinearExperts", "MLPExperts", "SwiGLUExperts",
-    # helpers
-    "count_flops", "seed_everything",
+    "GroupLimitedRouter", "GroupCapacityRouter",
+    "ExpertBank", "LinearExperts", "MLPExperts", "SwiGLUExperts", "GLUExperts",
+    # interop, scale-out, helpers
+    "from_transformers", "ExpertParallelMoE", "count_flops", "seed_everything",
     # modules
-    "backends", "classic", "data", "dispatch", "experts", "losses", "metrics", "routers", "tasks",
-    "training", "utils",
+    "backends", "business", "classic", "corpus", "data", "dispatch", "distributed", "experts", "interop",
+    "losses", "metrics", "models", "routers", "serving", "tasks", "training", "utils",
 ]

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ._validate import check_choice, check_int, check_nonnegative_float, check_positive_float
 from .backends import BACKENDS
 from .dispatch import DispatchPlan, make_plan, slot_plan
-from .experts import ACTIVATIONS, EXPERTS, MLPExperts
+from .experts import ACTIVATIONS, EXPERTS
 from .losses import importance_loss, load_balancing_loss, load_loss, router_z_loss
 from .metrics import routing_stats
 from .routers import ROUTERS, Routing
@@ -66,7 +66,9 @@ class MoELayer(nn.Module):
             gate probabilities (``False``, Switch). ``None`` (default) keeps the router's own convention:
             raw for ``"switch"``, renormalised for the other top-k routers.
         router_bias: give the gate a bias term.
-        activation: hidden activation of ``mlp`` experts (``"relu"``, ``"gelu"``, ``"silu"``, ``"tanh"``).
+        activation: hidden activation of ``mlp`` and ``glu`` experts (``"relu"``, ``"gelu"``, ``"silu"``,
+            ``"tanh"``); ``None`` keeps the expert's default (GELU for ``mlp``, SiLU for ``glu``). Giving one
+            to an expert kind without a free activation (``linear``, ``swiglu``) is an error.
         d_out: output width; ``None`` (default) keeps ``d_model`` so the output has the input's shape.
         aux_loss_coef: weight of the load-balancing loss in ``info.aux_loss`` (Switch uses 0.01).
         z_loss_coef: weight of the router z-loss in ``info.aux_loss`` (ST-MoE uses 0.001).
@@ -104,7 +106,7 @@ class MoELayer(nn.Module):
         capacity_factor: float | None = None,
         normalize_weights: bool | None = None,
         router_bias: bool = False,
-        activation: str = "gelu",
+        activation: str | None = None,
         d_out: int | None = None,
         aux_loss_coef: float = 0.01,
         z_loss_coef: float = 0.0,
@@ -134,7 +136,14 @@ class MoELayer(nn.Module):
                 f"load_loss_coef > 0 needs router='noisy_topk' (Shazeer's smooth load is defined by the "
                 f"router noise), got router={router!r}; use aux_loss_coef for other routers"
             )
-        check_choice("activation", activation, ACTIVATIONS)
+        expert_accepts = inspect.signature(EXPERTS[expert].__init__).parameters
+        if activation is not None:
+            check_choice("activation", activation, ACTIVATIONS)
+            if "activation" not in expert_accepts:
+                takes = sorted(k for k, c in EXPERTS.items() if "activation" in inspect.signature(c.__init__).parameters)
+                raise ValueError(
+                    f"activation={activation!r} has no effect on expert={expert!r}; it applies to expert in {takes}"
+                )
         if router_options is not None and not isinstance(router_options, dict):
             raise TypeError(f"router_options must be a dict or None, got {type(router_options).__name__}")
 
@@ -150,7 +159,7 @@ class MoELayer(nn.Module):
                 raise ValueError(f"router_options key {key!r} is not accepted by router={router!r}; accepted: {options}")
         router_kwargs.update(router_options or {})
         self.router = router_cls(self.d_model, self.num_experts, self.top_k, **router_kwargs)
-        expert_kwargs = {"activation": activation} if EXPERTS[expert] is MLPExperts else {}
+        expert_kwargs = {"activation": activation} if activation is not None else {}
         self.experts = EXPERTS[expert](self.num_experts, self.d_model, self.d_ff, d_out, **expert_kwargs)
         self.d_out = self.experts.d_out
         self.last_info: MoEInfo | None = None

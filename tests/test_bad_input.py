@@ -28,6 +28,7 @@ GOOD = dict(d_model=8, d_ff=16, num_experts=4, top_k=2)
         ({"capacity_factor": -1.0}, ValueError, ["capacity_factor", "> 0"]),
         ({"capacity_factor": "1"}, TypeError, ["capacity_factor"]),
         ({"activation": "swish"}, ValueError, ["activation", "'gelu'"]),
+        ({"expert": "swiglu", "activation": "relu"}, ValueError, ["activation", "expert='swiglu'", "'glu'", "'mlp'"]),
         ({"router": "dense", "top_k": 2}, ValueError, ["top_k", "num_experts"]),
         ({"aux_loss_coef": -0.1}, ValueError, ["aux_loss_coef"]),
         ({"normalize_weights": "yes"}, TypeError, ["normalize_weights"]),

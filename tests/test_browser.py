@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sys
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,12 +39,18 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 # (path under _build/html, where the browser lands, screenshot name, whether the page must contain
-# rendered math). index.html is Jupyter Book's redirect to the root page, book/intro.html.
+# rendered math). index.html is Jupyter Book's redirect to the root page, book/intro.html. Every chapter
+# in _toc.yml is opened too: math, where a page has any, must be rendered.
+sys.path.insert(0, str(ROOT / "scripts"))
+from toc_notebooks import toc_notebooks  # noqa: E402
+
 PAGES = [
     ("index.html", "book/intro.html", "index", True),
-    ("notebooks/01_what_is_moe.html", "notebooks/01_what_is_moe.html", "01_what_is_moe", True),
     ("book/library.html", "book/library.html", "library", True),
     ("book/bibliography.html", "book/bibliography.html", "bibliography", False),
+] + [
+    (f"notebooks/{nb.stem}.html", f"notebooks/{nb.stem}.html", nb.stem, nb.stem.startswith("01_"))
+    for nb in toc_notebooks()
 ]
 
 # Raw TeX left in the visible text (code blocks removed) means MathJax did not typeset it.

@@ -180,3 +180,11 @@ def test_top1_renormalised_training_warns_once():
         layer(torch.randn(5, 6))  # only once
         layer.eval()
         MoELayer(6, 8, 4, 1, router="topk").eval()(torch.randn(5, 6))  # inference: no warning
+
+
+def test_activation_reaches_every_expert_kind_that_takes_one():
+    """Regression: MoELayer passed ``activation`` only to MLP experts, so a GLU bank silently kept SiLU."""
+    assert MoELayer(8, 16, 4, 2, expert="glu", activation="gelu").experts.activation == "gelu"
+    assert MoELayer(8, 16, 4, 2, expert="glu").experts.activation == "silu"
+    assert MoELayer(8, 16, 4, 2, expert="mlp").experts.activation == "gelu"
+    assert MoELayer(8, 16, 4, 2, expert="mlp", activation="relu").experts.activation == "relu"
