@@ -123,6 +123,17 @@ class Routing:
         return out.scatter(1, self.experts, self.weights * self.mask().to(self.weights.dtype))
 
 
+def _every_expert(router: str, what: str, top_k: int | None, num_experts: int, hint: str) -> int:
+    """``top_k`` of a router that uses all ``E`` experts: ``None`` or ``E``, anything else is an error."""
+    top_k = num_experts if top_k is None else top_k
+    if top_k != num_experts:
+        raise ValueError(
+            f"router={router!r} {what}, so top_k must equal num_experts ({num_experts}) or be None, "
+            f"got top_k={top_k}; {hint}"
+        )
+    return top_k
+
+
 class Router(nn.Module):
     """Base class: a linear gate ``x W_g (+ b)`` scored in float32. Subclasses choose the experts.
 
@@ -189,12 +200,8 @@ class DenseRouter(Router):
 
     def __init__(self, d_model: int, num_experts: int, top_k: int | None = None, *, bias: bool = False,
                  router_dtype: str = "float32"):
-        top_k = num_experts if top_k is None else top_k
-        if top_k != num_experts:
-            raise ValueError(
-                f"router='dense' weights every expert, so top_k must equal num_experts ({num_experts}) "
-                f"or be None, got top_k={top_k}; use router='topk' to keep only k experts"
-            )
+        top_k = _every_expert("dense", "weights every expert", top_k, num_experts,
+                              "use router='topk' to keep only k experts")
         super().__init__(d_model, num_experts, top_k, bias=bias, router_dtype=router_dtype)
 
     @classmethod
@@ -518,12 +525,10 @@ class SoftMoERouter(Router):
 
     def __init__(self, d_model: int, num_experts: int, top_k: int | None = None, *, bias: bool = False,
                  slots_per_expert: int = 1, router_dtype: str = "float32"):
-        top_k = num_experts if top_k is None else top_k
-        if top_k != num_experts:
-            raise ValueError(
-                f"router='soft' mixes every expert into every token, so top_k must equal num_experts "
-                f"({num_experts}) or be None, got top_k={top_k}; set slots_per_expert instead"
-            )
+        top_k = _every_expert("soft", "mixes every expert into every token", top_k, num_experts,
+                              "set slots_per_expert instead")
+        if bias:
+            raise ValueError("router='soft' has no gate bias (Puigcerver et al. 2023): router_bias must be False")
         super().__init__(d_model, num_experts, top_k, bias=False, router_dtype=router_dtype)
         self.slots_per_expert = check_int("slots_per_expert", slots_per_expert, minimum=1)
         self.gate = nn.Linear(self.d_model, self.num_experts * self.slots_per_expert, bias=False)

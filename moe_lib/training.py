@@ -85,12 +85,10 @@ def after_step(model: nn.Module) -> None:
 
 
 @dataclass
-class ClassifierHistory:
+class ClassifierHistory(History):
     """Per step: task loss (cross-entropy), auxiliary loss, the largest router logit (|max|) and the
     MaxVio of the training batch's load (first MoE layer; Wang et al. 2024)."""
 
-    train_loss: list[float] = field(default_factory=list)
-    aux_loss: list[float] = field(default_factory=list)
     max_logit: list[float] = field(default_factory=list)
     max_violation: list[float] = field(default_factory=list)
 
