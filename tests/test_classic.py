@@ -185,7 +185,7 @@ def test_irls_gate_fits_a_logistic_regression():
     counts = torch.stack([1 - torch.sigmoid(true_logit), torch.sigmoid(true_logit)], 1)
     hme = HME(2, 1, depth=1).double()
     irls_gate(hme.gates[0], x, counts, steps=20)
-    w, b = hme.gates[0].gate.weight, hme.gates[0].gate.bias
+    w, b = hme.gates[0].gate.weight.detach(), hme.gates[0].gate.bias.detach()
     assert (w[1] - w[0]).tolist() == pytest.approx([1.5, -2.0], abs=1e-4)
     assert float(b[1] - b[0]) == pytest.approx(0.5, abs=1e-4)
 
