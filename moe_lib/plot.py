@@ -7,8 +7,19 @@ EXPERT_COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3",
 
 
 def book_style() -> None:
-    """Apply the book's matplotlib style (call once at the top of a notebook)."""
+    """Apply the book's matplotlib style, and show table cells whole (call once at the top of a notebook).
+
+    pandas cuts text cells at 50 characters by default, which hides the "what differs" column of the
+    book's comparison tables; the book shows them in full.
+    """
     import matplotlib as mpl
+
+    try:
+        import pandas as pd
+    except ImportError:  # pandas is a book dependency, not a library one
+        pass
+    else:
+        pd.set_option("display.max_colwidth", None)
 
     mpl.rcParams.update({
         "figure.figsize": (7.0, 3.6),

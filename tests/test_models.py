@@ -1,4 +1,6 @@
 """Tests of moe_lib.models: the Transformer LM, its parameter/FLOP accounting, training and exact resume."""
+import math
+
 import pytest
 import torch
 
@@ -126,3 +128,14 @@ def test_routing_analysis():
     assert top_expert_change(same, same) == 0.0
     with pytest.raises(ValueError, match="same shape"):
         top_expert_change(same, same[:, :2])
+
+
+def test_steps_to_reach_interpolates_between_evaluations():
+    from moe_lib.models import LMHistory, steps_to_reach
+
+    h = LMHistory(eval_step=[0, 10, 20, 30], val_loss=[4.0, 3.0, 2.0, 1.5])
+    assert steps_to_reach(h, 4.5) == 0.0
+    assert steps_to_reach(h, 3.0) == 10.0
+    assert steps_to_reach(h, 2.5) == pytest.approx(15.0)
+    assert steps_to_reach(h, 1.75) == pytest.approx(25.0)
+    assert math.isnan(steps_to_reach(h, 1.0))

@@ -10,12 +10,12 @@
 from . import analysis
 from .accounting import flops_per_token, parameter_counts
 from .training import (LMHistory, evaluate, load_checkpoint, lr_at, model_from_checkpoint, save_checkpoint,
-                       train_lm)
+                       steps_to_reach, train_lm)
 from .transformer import (FFN_KINDS, Block, CausalSelfAttention, LMConfig, MoEFFN, RMSNorm, SwiGLU,
                           TransformerLM, lm_variants)
 
 __all__ = [
     "LMConfig", "TransformerLM", "lm_variants", "Block", "CausalSelfAttention", "MoEFFN", "RMSNorm", "SwiGLU",
     "FFN_KINDS", "train_lm", "evaluate", "save_checkpoint", "load_checkpoint", "model_from_checkpoint",
-    "LMHistory", "lr_at", "parameter_counts", "flops_per_token", "analysis",
+    "LMHistory", "lr_at", "steps_to_reach", "parameter_counts", "flops_per_token", "analysis",
 ]

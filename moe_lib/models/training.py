@@ -199,3 +199,21 @@ def train_lm(
         save_checkpoint(checkpoint_path, model, optimizer, step=end, generator=generator, history=history)
     model.eval()
     return history
+
+
+def steps_to_reach(history: LMHistory, target: float) -> float:
+    """Training steps until the validation loss first reaches ``target``, linearly interpolated between the
+    two evaluations that straddle it; ``nan`` if it never does.
+
+    This is the speed-up measure of Fedus et al. (2022, fig. 5): the steps a baseline needs to reach its
+    own final loss divided by the steps another model needs to reach the same loss.
+    """
+    steps = [float(s) for s in history.eval_step]
+    losses = [float(v) for v in history.val_loss]
+    for i, loss in enumerate(losses):
+        if loss <= target:
+            if i == 0:
+                return steps[0]
+            frac = (losses[i - 1] - target) / (losses[i - 1] - loss)
+            return steps[i - 1] + frac * (steps[i] - steps[i - 1])
+    return float("nan")
