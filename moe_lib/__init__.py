@@ -8,9 +8,12 @@ Start with :class:`MoELayer`. Subpackages: :mod:`moe_lib.classic` (the 1991 mixt
 mixtures and EM), :mod:`moe_lib.tasks` (the multi-domain task of Part II), :mod:`moe_lib.models` (a small
 MoE Transformer language model), :mod:`moe_lib.corpus` (its offline byte corpus), :mod:`moe_lib.interop`
 (:func:`from_transformers` for Hugging Face MoE blocks), :mod:`moe_lib.distributed` (expert parallelism),
-:mod:`moe_lib.serving` and :mod:`moe_lib.business` (decode cost, the cost calculator), :mod:`moe_lib.data`.
+:mod:`moe_lib.serving` and :mod:`moe_lib.business` (decode cost, the cost calculator), :mod:`moe_lib.practice`
+(fine-tuning by parameter role, upcycling, merging), :mod:`moe_lib.applications` (MMoE, anomaly detection,
+a vision MoE), :mod:`moe_lib.data`.
 """
 from . import (
+    applications,
     backends,
     business,
     classic,
@@ -23,6 +26,7 @@ from . import (
     losses,
     metrics,
     models,
+    practice,
     routers,
     serving,
     tasks,
@@ -68,6 +72,6 @@ __all__ = [
     # interop, scale-out, helpers
     "from_transformers", "ExpertParallelMoE", "count_flops", "seed_everything",
     # modules
-    "backends", "business", "classic", "corpus", "data", "dispatch", "distributed", "experts", "interop",
-    "losses", "metrics", "models", "routers", "serving", "tasks", "training", "utils",
+    "applications", "backends", "business", "classic", "corpus", "data", "dispatch", "distributed", "experts", "interop",
+    "losses", "metrics", "models", "practice", "routers", "serving", "tasks", "training", "utils",
 ]
