@@ -318,3 +318,21 @@ def test_clustered_regression():
     assert purity > 0.97
     with pytest.raises(ValueError):
         clustered_regression(0)
+
+
+def test_train_recipes_returns_every_method_trained():
+    from moe_lib.classic import top_expert_error, train_recipes
+    from moe_lib.data import clustered_regression
+
+    x, y = clustered_regression(64, seed=0)
+    models = train_recipes(x, y, num_experts=2, d_ff=4, steps=4, lr=0.03, seed=0)
+    assert set(models) == {
+        "dense MLP, 8 hidden", "dense MLP, 4 hidden", "ensemble of 2", "two-stage", "two-stage, top-1",
+        "two-stage, k-means gate", "two-stage, k-means gate, top-1", "end to end, cooperative",
+        "end to end, cooperative, top-1", "end to end, competitive", "end to end, competitive, top-1",
+    }
+    for model in models.values():
+        assert model(x).shape == y.shape
+    assert models["two-stage, top-1"].top_k == 1
+    err, weight = top_expert_error(models["two-stage"], x, y)
+    assert err >= 0 and 0.5 <= weight <= 1.0  # 2 experts: the top weight is at least one half

@@ -12,11 +12,11 @@ from .hme import HME
 from .losses import competitive_loss, cooperative_loss, mixture_output, posterior
 from .mixture import FitResult, accuracy, expert_usage, fit_classifier, local_experts, mlp
 from .two_stage import (EnsembleMean, fit_end_to_end, fit_ensemble, fit_experts_on_subsets, fit_gate,
-                        gate_from_centres, kmeans, sparse_copy)
+                        gate_from_centres, kmeans, sparse_copy, top_expert_error, train_recipes)
 
 __all__ = [
     "EMResult", "EnsembleMean", "FitResult", "HME", "accuracy", "competitive_loss", "cooperative_loss",
     "em", "em_step", "epochs_to_converge", "expert_usage", "fit_classifier", "fit_em", "fit_end_to_end", "fit_ensemble", "fit_experts_on_subsets",
     "fit_gate", "fit_gradient", "gate_from_centres", "hme", "irls_gate", "kmeans", "local_experts", "losses", "mixture",
-    "mixture_output", "mlp", "posterior", "relative_error", "sparse_copy", "two_stage",
+    "mixture_output", "mlp", "posterior", "relative_error", "sparse_copy", "top_expert_error", "train_recipes", "two_stage",
 ]

@@ -13,6 +13,8 @@ data, then fit a gating network that learns which expert to trust for which inpu
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -188,3 +190,68 @@ def fit_end_to_end(layer: MoELayer, x: Tensor, y: Tensor, *, loss: str = "cooper
         losses.append(float(value.detach()))
     layer.eval()
     return losses
+
+
+def train_recipes(x: Tensor, y: Tensor, *, num_experts: int = 4, d_ff: int = 16, steps: int = 2000,
+                  lr: float = 0.03, seed: int = 0) -> dict[str, nn.Module]:
+    """Train every recipe chapter 4 compares on ``(x [n, 2], y [n, 1])``, each from the same ``seed``.
+
+    Returns ``{name: trained predictor}``: two dense MLPs (``num_experts·d_ff`` and ``d_ff`` hidden units),
+    an ensemble averaging ``num_experts`` independently trained MLPs, the article's two-stage recipe
+    (experts on k-means subsets for ``steps // 2``, then a gate for ``steps // 2``; the gate learned from
+    scratch or started from the k-means centres), and end-to-end training with the cooperative and the
+    competitive loss of Jacobs et al. (1991, eqs. 1 and 3). Every mixture also comes as a top-1 copy
+    (``", top-1"``). Every method gets ``steps`` optimiser steps.
+    """
+    from ..utils import seed_everything
+
+    num_experts = check_int("num_experts", num_experts, minimum=1)
+    d_ff = check_int("d_ff", d_ff, minimum=1)
+    steps = check_int("steps", steps, minimum=2)
+    device = x.device
+
+    def mixture() -> MoELayer:
+        return MoELayer(x.shape[1], d_ff, num_experts, router="dense", expert="mlp", router_bias=True,
+                        d_out=y.shape[1]).to(device)
+
+    def dense_mlp(hidden: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(x.shape[1], hidden), nn.GELU(), nn.Linear(hidden, y.shape[1])).to(device)
+
+    from ..training import fit_regression
+
+    out: dict[str, nn.Module] = {}
+    for hidden in (num_experts * d_ff, d_ff):
+        seed_everything(seed)
+        model = dense_mlp(hidden)
+        fit_regression(model, x, y, steps=steps, lr=lr)
+        out[f"dense MLP, {hidden} hidden"] = model
+    seed_everything(seed)
+    bank = mixture()
+    fit_ensemble(bank.experts, x, y, steps=steps, lr=lr)
+    out[f"ensemble of {num_experts}"] = EnsembleMean(bank.experts)
+    seed_everything(seed)
+    two_stage = mixture()
+    centres, assign = kmeans(x, num_experts, seed=seed)
+    fit_experts_on_subsets(two_stage.experts, x, y, assign, steps=steps // 2, lr=lr)  # stage 1
+    from_kmeans = gate_from_centres(copy.deepcopy(two_stage), centres)
+    for name, layer in (("two-stage", two_stage), ("two-stage, k-means gate", from_kmeans)):
+        fit_gate(layer, x, y, steps=steps // 2, lr=lr)  # stage 2
+        out[name], out[name + ", top-1"] = layer, sparse_copy(layer, 1)
+    for loss in ("cooperative", "competitive"):
+        seed_everything(seed)
+        layer = mixture()
+        fit_end_to_end(layer, x, y, loss=loss, steps=steps, lr=lr)
+        out[f"end to end, {loss}"], out[f"end to end, {loss}, top-1"] = layer, sparse_copy(layer, 1)
+    return out
+
+
+@torch.no_grad()
+def top_expert_error(layer: MoELayer, x: Tensor, y: Tensor) -> tuple[float, float]:
+    """MSE of each input's top-ranked expert *alone*, and the gate's mean weight on that expert.
+
+    Small error with a confident gate means the experts are local (they can be truncated to top-1); a large
+    error means they only work blended (cooperative training, chapter 4).
+    """
+    p, h = layer.router(x).probs, layer.expert_outputs(x)
+    own = h[torch.arange(len(x)), p.argmax(dim=1)]
+    return float((own - y).square().mean()), float(p.max(dim=1).values.mean())
