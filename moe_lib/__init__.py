@@ -11,8 +11,19 @@ MoE Transformer language model), :mod:`moe_lib.corpus` (its offline byte corpus)
 :mod:`moe_lib.serving` and :mod:`moe_lib.business` (decode cost, the cost calculator), :mod:`moe_lib.practice`
 (fine-tuning by parameter role, upcycling, merging), :mod:`moe_lib.applications` (MMoE, anomaly detection,
 a vision MoE), :mod:`moe_lib.data`.
+
+:mod:`moe_lib.kernels` holds the Triton kernels (chapter 11); without CUDA they run in Triton's interpreter,
+which must be chosen before Triton is first imported — so this module sets ``TRITON_INTERPRET=1`` (unless
+already set) on a machine without CUDA, before importing anything that may import Triton.
 """
-from . import (
+import os as _os
+
+import torch as _torch
+
+if not _torch.cuda.is_available():
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from . import (  # noqa: E402
     applications,
     backends,
     business,

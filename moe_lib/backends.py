@@ -7,7 +7,12 @@ is kept forever for readability; every faster backend is tested against it.
 * ``loop`` — one Python iteration per expert over that expert's contiguous rows.
 * ``torch`` — scatter the grouped rows into a zero-padded ``[E, C, d]`` batch (``C`` = the largest
   expert's row count, at most the capacity) and run every expert in one batched matmul. Padding costs FLOPs
-  when the load is skewed; grouped-GEMM kernels (Part IV) remove it.
+  when the load is skewed.
+* ``grouped_mm`` — the grouped rows as they are, through ``torch._grouped_mm`` (one GEMM per expert
+  inside one call, no padding). CPU: float32 with widths that are multiples of 4; CUDA: bfloat16.
+* ``triton`` — the fused Triton kernels of :mod:`moe_lib.kernels` (gated experts: ``swiglu``/``glu``):
+  gather fused into the grouped GEMM, activation and routing weight in the epilogues, a deterministic
+  combine and a Triton backward. Without CUDA they run in Triton's interpreter (correct, slow).
 """
 from __future__ import annotations
 
@@ -45,8 +50,37 @@ def torch_backend(experts: ExpertBank, x: Tensor, plan: DispatchPlan) -> Tensor:
     return combine(expert_out, plan, x.shape[0])
 
 
+def grouped_mm_backend(experts: ExpertBank, x: Tensor, plan: DispatchPlan) -> Tensor:
+    """No padding: every expert's GEMM runs on exactly its rows, in one ``torch._grouped_mm`` per matmul."""
+    if plan.token_index.shape[0] == 0:
+        return x.new_zeros(x.shape[0], experts.d_out)
+    expert_out = experts.forward_grouped(x[plan.token_index], plan.offsets, plan.expert_index)
+    return combine(expert_out, plan, x.shape[0])
+
+
+TRITON_EXPERTS = ("swiglu", "glu")
+
+
+def triton_backend(experts: ExpertBank, x: Tensor, plan: DispatchPlan) -> Tensor:
+    """The fused Triton path (:func:`moe_lib.kernels.expert_ffn`) on the plan's grouped rows."""
+    from . import kernels
+
+    if experts.kind not in TRITON_EXPERTS or experts.d_out is None:
+        raise ValueError(f"backend='triton' supports expert kinds {TRITON_EXPERTS} (gated FFNs without biases), "
+                         f"got expert={experts.kind!r}; use backend='torch' or 'grouped_mm'")
+    meta = kernels.metadata_from_plan(plan)
+    weights = x.new_zeros(meta.num_tokens * meta.top_k, dtype=torch.float32)
+    weights = weights.index_put((meta.row_assignment.long(),), plan.weights.float())
+    activation = getattr(experts, "activation", "silu")
+    y = kernels.expert_ffn(x, weights.view(meta.num_tokens, meta.top_k), meta, experts.w_gate.to(x.dtype),
+                           experts.w_up.to(x.dtype), experts.w_down.to(x.dtype), activation)
+    return y
+
+
 #: Backend name -> function ``(experts, x [T, d], plan) -> y [T, d_out]``.
 BACKENDS: dict[str, Callable[[ExpertBank, Tensor, DispatchPlan], Tensor]] = {
     "loop": loop_backend,
     "torch": torch_backend,
+    "grouped_mm": grouped_mm_backend,
+    "triton": triton_backend,
 }

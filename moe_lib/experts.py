@@ -7,7 +7,9 @@ Each bank offers two views of the same computation:
 * :meth:`ExpertBank.forward_expert` — expert ``e`` on its own rows ``[n, d_model]`` (the readable
   reference, used by the ``loop`` backend);
 * :meth:`ExpertBank.forward_padded` — all experts at once on a padded batch ``[E, C, d_model]``
-  (batched matmul, used by the ``torch`` backend).
+  (batched matmul, used by the ``torch`` backend);
+* :meth:`ExpertBank.forward_grouped` — all experts at once on their grouped rows ``[N, d_model]`` with
+  ``torch._grouped_mm`` (no padding; used by the ``grouped_mm`` backend).
 
 Kinds: ``linear`` (``x W_e + b_e``, the 1991 local experts), ``mlp`` (``act(x W1 + b1) W2 + b2``, the
 Transformer FFN of Switch/GShard) and ``swiglu`` (``(silu(x W_g) ⊙ x W_u) W_d``, Shazeer 2020, used by
@@ -29,6 +31,27 @@ def _uniform(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
     """``U(-1/√fan_in, 1/√fan_in)``, the default init of ``nn.Linear``, applied to every expert."""
     bound = 1.0 / math.sqrt(fan_in)
     return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: ``torch._grouped_mm``'s backward
+    rejects the stride-0 gradient that ``y.sum().backward()`` produces (torch 2.13)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+    """``out[r] = x[r] @ weight[e]`` for the rows ``offsets[e]:offsets[e+1]`` of each expert, one
+    ``torch._grouped_mm`` call (``offsets`` is ``[E + 1]``; the kernel takes the ``E`` group ends as int32).
+    On the CPU rows must be 16-byte aligned (float32: widths multiple of 4); on CUDA it wants bfloat16."""
+    out = torch._grouped_mm(x.contiguous(), weight, offs=offsets[1:].to(torch.int32))
+    return _ContiguousGrad.apply(out)
 
 
 class ExpertBank(nn.Module):
@@ -58,6 +81,11 @@ class ExpertBank(nn.Module):
         """Every expert on its own rows: ``x [E, C, d_model]`` -> ``[E, C, d_out]``."""
         raise NotImplementedError
 
+    def forward_grouped(self, x: Tensor, offsets: Tensor, expert_index: Tensor) -> Tensor:  # pragma: no cover
+        """Every expert on its block of grouped rows: ``x [N, d_model]`` with expert ``e`` owning rows
+        ``offsets[e]:offsets[e+1]`` (``expert_index [N]`` names each row's expert) -> ``[N, d_out]``."""
+        raise NotImplementedError
+
     def flops_per_token(self) -> int:  # pragma: no cover - abstract
         """Floating-point operations (2 per multiply-add) of one expert on one token, matmuls only."""
         raise NotImplementedError
@@ -78,6 +106,9 @@ class LinearExperts(ExpertBank):
 
     def forward_padded(self, x: Tensor) -> Tensor:
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+
+    def forward_grouped(self, x: Tensor, offsets: Tensor, expert_index: Tensor) -> Tensor:
+        return grouped_mm(x, self.weight, offsets) + self.bias[expert_index]
 
     def flops_per_token(self) -> int:
         return 2 * self.d_model * self.d_out
@@ -104,6 +135,10 @@ class MLPExperts(ExpertBank):
         h = ACTIVATIONS[self.activation](torch.baddbmm(self.b1.unsqueeze(1), x, self.w1))
         return torch.baddbmm(self.b2.unsqueeze(1), h, self.w2)
 
+    def forward_grouped(self, x: Tensor, offsets: Tensor, expert_index: Tensor) -> Tensor:
+        h = ACTIVATIONS[self.activation](grouped_mm(x, self.w1, offsets) + self.b1[expert_index])
+        return grouped_mm(h, self.w2, offsets) + self.b2[expert_index]
+
     def flops_per_token(self) -> int:
         return 2 * self.d_ff * (self.d_model + self.d_out)
 
@@ -125,6 +160,11 @@ class SwiGLUExperts(ExpertBank):
     def forward_padded(self, x: Tensor) -> Tensor:
         h = nn.functional.silu(torch.bmm(x, self.w_gate)) * torch.bmm(x, self.w_up)
         return torch.bmm(h, self.w_down)
+
+    def forward_grouped(self, x: Tensor, offsets: Tensor, expert_index: Tensor) -> Tensor:
+        act = ACTIVATIONS[getattr(self, "activation", "silu")]
+        h = act(grouped_mm(x, self.w_gate, offsets)) * grouped_mm(x, self.w_up, offsets)
+        return grouped_mm(h, self.w_down, offsets)
 
     def flops_per_token(self) -> int:
         return 2 * self.d_ff * (2 * self.d_model + self.d_out)

@@ -58,7 +58,9 @@ class MoELayer(nn.Module):
             (Puigcerver et al. 2024) or ``"auxfree"`` (Wang et al. 2024); see
             :mod:`moe_lib.routers`.
         expert: ``"linear"``, ``"mlp"`` or ``"swiglu"``; see :data:`moe_lib.experts.EXPERTS`.
-        backend: ``"loop"`` (reference) or ``"torch"`` (batched); see :data:`moe_lib.backends.BACKENDS`.
+        backend: ``"loop"`` (reference), ``"torch"`` (padded batched matmul), ``"grouped_mm"``
+            (``torch._grouped_mm``, no padding) or ``"triton"`` (the fused kernels of :mod:`moe_lib.kernels`,
+            gated experts only); see :mod:`moe_lib.backends`.
         capacity_factor: ``None`` for dropless, else each expert processes at most
             ``ceil(capacity_factor · T · k / E)`` assignments and the rest are dropped and counted. For
             ``"expert_choice"`` it scales the number of tokens each expert takes (``None`` = 1).

@@ -1,0 +1,74 @@
+"""Block sizes for the kernels, chosen from the shape (no autotuning unless ``MOE_LIB_AUTOTUNE=1``).
+
+``block_m`` — rows of one expert per tile — is the one choice the metadata and the GEMMs must share, so it is
+fixed before the tile schedule is built. A tile is wasted where an expert's row count is not a multiple of
+``block_m``: with ``R = T·k/E`` rows per expert on average, a tile of ``block_m ≈ R`` or smaller keeps that
+waste low, while a large tile keeps the tensor cores busy. The heuristic picks the smallest of 16, 32, 64,
+128 that is at least ``R`` (capped at 128). Under the Triton interpreter (CPU) every block is small: its cost
+is per element, not per tile.
+"""
+from __future__ import annotations
+
+import os
+
+BLOCK_M_CHOICES = (16, 32, 64, 128)
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the interpreter (``TRITON_INTERPRET=1``, set on machines without
+    CUDA when :mod:`moe_lib.kernels` is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotuning() -> bool:
+    """Autotune the GEMM tile shapes (``MOE_LIB_AUTOTUNE=1``; GPU only)."""
+    return os.environ.get("MOE_LIB_AUTOTUNE", "0") == "1" and not interpreting()
+
+
+def block_m_for(num_assignments: int, num_experts: int) -> int:
+    """Rows per tile for ``num_assignments`` rows spread over ``num_experts`` experts."""
+    if interpreting():
+        return 16
+    per_expert = num_assignments / max(num_experts, 1)
+    for bm in BLOCK_M_CHOICES:
+        if per_expert <= bm:
+            return bm
+    return BLOCK_M_CHOICES[-1]
+
+
+def gemm_meta(kind: str, block_m: int) -> dict:
+    """``BN``, ``BK``, ``num_warps``, ``num_stages`` of one grouped GEMM kernel for a given ``block_m``.
+
+    ``up`` and ``dh`` hold two accumulators or an epilogue with extra loads, so their N block is narrower at
+    large ``block_m``; ``wgrad`` reduces over rows (its ``BK``) with a fixed 128×128 output block. Small
+    ``block_m`` (decode) is memory bound: a deeper pipeline over a longer K block keeps loads in flight.
+    """
+    if interpreting():
+        return {"BN": 32, "BK": 32} if kind != "wgrad" else {"BM": 32, "BN": 32, "BK": 16}
+    if kind == "wgrad":
+        return {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}
+    if block_m >= 128:
+        bn = 128 if kind == "down" else 64
+        return {"BN": bn, "BK": 64, "num_warps": 8, "num_stages": 4 if kind == "down" else 3}
+    if block_m == 64:
+        return {"BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4}
+    return {"BN": 64, "BK": 128, "num_warps": 4, "num_stages": 5}
+
+
+def autotune_configs(kind: str) -> list[dict]:
+    """Candidate ``(BN, BK, num_warps, num_stages)`` for :func:`triton.autotune` (``block_m`` fixed)."""
+    if kind == "wgrad":
+        return [
+            {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
+            {"BM": 128, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 4},
+            {"BM": 64, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4},
+            {"BM": 128, "BN": 256, "BK": 64, "num_warps": 8, "num_stages": 3},
+        ]
+    return [
+        {"BN": 64, "BK": 64, "num_warps": 4, "num_stages": 4},
+        {"BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4},
+        {"BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
+        {"BN": 64, "BK": 128, "num_warps": 4, "num_stages": 5},
+        {"BN": 256, "BK": 64, "num_warps": 8, "num_stages": 3},
+        {"BN": 128, "BK": 128, "num_warps": 8, "num_stages": 3},
+    ]

@@ -1,0 +1,266 @@
+"""Launchers for the Triton kernels and the autograd Functions that tie them together.
+
+Only imported when Triton is; the public, validated entry points are in :mod:`moe_lib.kernels`.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from torch import Tensor
+
+from . import config
+from . import triton_kernels as tk
+
+ACT_CODES = {"silu": 0, "gelu": 1, "relu": 2, "tanh": 3}
+SCATTER_BLOCK = 64  # assignments per block of the counting sort (the rank uses a BLOCK² comparison)
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _meta(kind: str, block_m: int) -> dict:
+    return config.gemm_meta(kind, block_m)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kind: str):
+    """An autotuned copy of a GEMM kernel (``MOE_LIB_AUTOTUNE=1``), keyed on the sizes that matter."""
+    kernel = tk.GEMM_KERNELS[kind]
+    keys = {"up": ["d", "f", "BM"], "down": ["K1", "K2", "n_out", "BM"], "dh": ["d_out", "f", "BM"],
+            "wgrad": ["M", "n_out"]}[kind]
+    configs = []
+    for c in config.autotune_configs(kind):
+        c = dict(c)
+        configs.append(triton.Config(c, num_warps=c.pop("num_warps"), num_stages=c.pop("num_stages")))
+    return triton.autotune(configs=configs, key=keys)(kernel)
+
+
+def _launch(kind: str, grid, *args, block_m: int | None = None, **constexprs):
+    """Launch GEMM kernel ``kind``: with the heuristic blocks, or autotuned when enabled."""
+    if config.autotuning():
+        if block_m is not None:
+            constexprs["BM"] = block_m
+        return _tuned(kind)[grid](*args, **constexprs)
+    meta = _meta(kind, block_m or 0)
+    if block_m is not None:
+        meta = {**meta, "BM": block_m}
+    return tk.GEMM_KERNELS[kind][grid](*args, **constexprs, **meta)
+
+
+# -------------------------------------------------------------------------------------------- router
+
+
+def route(logits: Tensor, top_k: int, score: str, renormalize: bool, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Launch the fused router on ``logits [T, E]``; returns float32 weights and int32 experts."""
+    logits = logits.contiguous()
+    num_tokens, num_experts = logits.shape
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
+    experts = torch.empty(num_tokens, top_k, dtype=torch.int32, device=logits.device)
+    if num_tokens == 0:
+        return weights, experts
+    block_e = _pow2(num_experts)
+    block_t = max(1, min(64, 4096 // block_e))
+    has_bias = bias is not None
+    tk._router_kernel[(triton.cdiv(num_tokens, block_t),)](
+        logits, bias.float().contiguous() if has_bias else logits, weights, experts,
+        num_tokens, num_experts, logits.stride(0),
+        K=top_k, KP=_pow2(top_k), BT=block_t, BE=block_e,
+        SCORE=0 if score == "softmax" else 1, RENORM=bool(renormalize), HAS_BIAS=has_bias,
+    )
+    return weights, experts
+
+
+class RouteFunction(torch.autograd.Function):
+    """Kernel forward; backward recomputes the (tiny) ``[T, E]`` scoring in torch for the chosen experts."""
+
+    @staticmethod
+    def forward(ctx, logits, top_k, score, renormalize, bias):
+        weights, experts = route(logits, top_k, score, renormalize, bias)
+        ctx.save_for_backward(logits, experts)
+        ctx.score, ctx.renormalize = score, renormalize
+        ctx.mark_non_differentiable(experts)
+        return weights, experts
+
+    @staticmethod
+    def backward(ctx, grad_weights, _grad_experts):
+        logits, experts = ctx.saved_tensors
+        with torch.enable_grad():
+            l = logits.detach().float().requires_grad_(True)
+            s = torch.softmax(l, -1) if ctx.score == "softmax" else torch.sigmoid(l)
+            w = s.gather(1, experts.long())
+            if ctx.renormalize:
+                w = w / w.sum(-1, keepdim=True)
+            (grad,) = torch.autograd.grad(w, l, grad_weights)
+        return grad.to(logits.dtype), None, None, None, None
+
+
+# -------------------------------------------------------------------------------------------- metadata
+
+
+def schedule(counts: Tensor, block_m: int, max_tiles: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Offsets and tile schedule from ``counts [E]`` (int32), on the device, with no host sync."""
+    num_experts = counts.shape[0]
+    device = counts.device
+    offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
+    tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=device)
+    tile_row = torch.empty(max_tiles, dtype=torch.int32, device=device)
+    block_e = _pow2(num_experts)
+    block_s = max(1, min(64, 8192 // block_e))
+    tk._schedule_kernel[(triton.cdiv(max_tiles, block_s),)](
+        counts, offsets, tile_expert, tile_row, num_experts, max_tiles, BM=block_m, BE=block_e, BS=block_s,
+    )
+    return offsets, tile_expert, tile_row
+
+
+def permute_metadata(experts: Tensor, num_experts: int, block_m: int, max_tiles: int):
+    """Counting sort of the assignments by expert, in four small kernels (histogram per block → prefix
+    over blocks → offsets and tile schedule → stable scatter). Returns the same tuple as
+    :func:`~moe_lib.kernels.reference.permute_metadata_ref`."""
+    flat = experts.reshape(-1).to(torch.int32).contiguous()
+    n = flat.shape[0]
+    device = flat.device
+    num_blocks = triton.cdiv(n, SCATTER_BLOCK)
+    block_e = _pow2(num_experts)
+    block_counts = torch.empty(max(num_blocks, 1), num_experts, dtype=torch.int32, device=device)
+    block_prefix = torch.empty_like(block_counts)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
+    row_assignment = torch.empty(n, dtype=torch.int32, device=device)
+    if n:
+        tk._count_kernel[(num_blocks,)](flat, block_counts, n, num_experts, BN=SCATTER_BLOCK, BE=block_e)
+        scan_e = min(32, block_e)
+        tk._scan_kernel[(triton.cdiv(num_experts, scan_e),)](
+            block_counts, block_prefix, counts, num_blocks, num_experts, BB=64, BE=scan_e,
+        )
+    offsets, tile_expert, tile_row = schedule(counts, block_m, max_tiles)
+    if n:
+        tk._scatter_kernel[(num_blocks,)](flat, block_prefix, offsets, row_assignment, n, num_experts,
+                                          BN=SCATTER_BLOCK)
+    return counts, offsets, row_assignment, tile_expert, tile_row
+
+
+# ----------------------------------------------------------------------------------------- expert FFN
+
+
+def _combine(src: Tensor, num_tokens: int, top_k: int) -> Tensor:
+    n_out = src.shape[1]
+    y = torch.empty(num_tokens, n_out, dtype=src.dtype, device=src.device)
+    bt, bn = (16, 32) if config.interpreting() else (16, 128)
+    tk._combine_kernel[(triton.cdiv(num_tokens, bt), triton.cdiv(n_out, bn))](
+        src, y, num_tokens, n_out, top_k, src.stride(0), y.stride(0), BT=bt, BN=bn,
+    )
+    return y
+
+
+def _slot_buffer(meta, width: int, like: Tensor) -> Tensor:
+    """``[T·k, width]`` buffer; zeros when some assignment has no row (capacity drops), else uninitialised
+    (every row is written)."""
+    shape = (meta.num_tokens * meta.top_k, width)
+    if meta.complete:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+def _grid(meta, width: int, kind: str):
+    bm = meta.block_m
+
+    def grid(m):
+        return (meta.max_tiles, triton.cdiv(width, m["BN"]))
+
+    return grid if config.autotuning() else (meta.max_tiles, triton.cdiv(width, _meta(kind, bm)["BN"]))
+
+
+def ffn_forward(x, weights_flat, w_gate, w_up, w_down, meta, act: str, save_gu: bool):
+    """``h = act(x W_g) ⊙ x W_u`` per grouped row, ``out = w · h W_d`` per assignment slot, ``y = Σ_j out``."""
+    n = meta.num_assignments
+    d, f = w_gate.shape[1], w_gate.shape[2]
+    d_out = w_down.shape[2]
+    h = torch.empty(n, f, dtype=x.dtype, device=x.device)
+    gu = torch.empty(n, 2 * f, dtype=x.dtype, device=x.device) if save_gu else h
+    _launch("up", _grid(meta, f, "up"),
+            x, w_gate, w_up, h, gu, meta.row_assignment, meta.tile_expert, meta.tile_row, meta.offsets,
+            meta.top_k, d, f, x.stride(0), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2),
+            h.stride(0), gu.stride(0), block_m=meta.block_m, ACT=ACT_CODES[act], SAVE_GU=save_gu)
+    out = _slot_buffer(meta, d_out, x)
+    _launch("down", _grid(meta, d_out, "down"),
+            h, w_down, w_down, out, weights_flat, meta.row_assignment, meta.tile_expert, meta.tile_row,
+            meta.offsets, f, 0, d_out, h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2),
+            0, 0, 0, out.stride(0), block_m=meta.block_m, TWO_B=False, SCALE=True)
+    return h, (gu if save_gu else None), _combine(out, meta.num_tokens, meta.top_k)
+
+
+def _wgrad(a: Tensor, b: Tensor, out: Tensor, weights_flat, meta, gather_a: bool, gather_b: bool, scale_a: bool):
+    m, n_out = out.shape[1], out.shape[2]
+    if config.autotuning():
+        def grid(c):
+            return (meta.num_experts, triton.cdiv(m, c["BM"]), triton.cdiv(n_out, c["BN"]))
+    else:
+        c = _meta("wgrad", 0)
+        grid = (meta.num_experts, triton.cdiv(m, c["BM"]), triton.cdiv(n_out, c["BN"]))
+    _launch("wgrad", grid, a, b, out, weights_flat, meta.row_assignment, meta.offsets, meta.top_k, m, n_out,
+            a.stride(0), b.stride(0), out.stride(0), out.stride(1), out.stride(2),
+            GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a)
+    return out
+
+
+def ffn_backward(dy, x, weights_flat, w_gate, w_up, w_down, h, gu, meta, act: str, needs):
+    """Gradients of :func:`ffn_forward` w.r.t. ``(x, weights_flat, w_gate, w_up, w_down)`` (``None`` where
+    ``needs`` is false)."""
+    n = meta.num_assignments
+    d, f = w_gate.shape[1], w_gate.shape[2]
+    d_out = w_down.shape[2]
+    dy = dy.contiguous()
+    dgu = torch.empty(n, 2 * f, dtype=x.dtype, device=x.device)
+    bn = config.autotune_configs("dh")[0]["BN"] if config.autotuning() else _meta("dh", meta.block_m)["BN"]
+    # the autotuner may pick another BN: size the partial sums for the narrowest candidate
+    n_fblocks = triton.cdiv(f, min([bn] + ([c["BN"] for c in config.autotune_configs("dh")] if config.autotuning() else [])))
+    dw_partial = torch.zeros(n, n_fblocks, dtype=torch.float32, device=x.device)
+    _launch("dh", _grid(meta, f, "dh"),
+            dy, w_down, gu, weights_flat, dgu, dw_partial, meta.row_assignment, meta.tile_expert, meta.tile_row,
+            meta.offsets, meta.top_k, d_out, f, dy.stride(0), w_down.stride(0), w_down.stride(1),
+            w_down.stride(2), gu.stride(0), dgu.stride(0), dw_partial.stride(0),
+            block_m=meta.block_m, ACT=ACT_CODES[act])
+    dx = dweights = dwg = dwu = dwd = None
+    if needs[1]:
+        dweights = torch.zeros(meta.num_tokens * meta.top_k, dtype=torch.float32, device=x.device)
+        dweights[meta.row_assignment.long()] = dw_partial.sum(1)
+    if needs[0]:
+        out = _slot_buffer(meta, d, x)
+        _launch("down", _grid(meta, d, "down"),
+                dgu, w_gate, w_up, out, weights_flat, meta.row_assignment, meta.tile_expert, meta.tile_row,
+                meta.offsets, f, f, d, dgu.stride(0), w_gate.stride(0), w_gate.stride(2), w_gate.stride(1),
+                w_up.stride(0), w_up.stride(2), w_up.stride(1), out.stride(0),
+                block_m=meta.block_m, TWO_B=True, SCALE=False)
+        dx = _combine(out, meta.num_tokens, meta.top_k)
+    if needs[2]:
+        dwg = _wgrad(x, dgu, torch.empty_like(w_gate, memory_format=torch.contiguous_format), weights_flat, meta,
+                     True, False, False)
+    if needs[3]:
+        dwu = _wgrad(x, dgu[:, f:], torch.empty_like(w_up, memory_format=torch.contiguous_format), weights_flat,
+                     meta, True, False, False)
+    if needs[4]:
+        dwd = _wgrad(h, dy, torch.empty_like(w_down, memory_format=torch.contiguous_format), weights_flat, meta,
+                     False, True, True)
+    return dx, dweights, dwg, dwu, dwd
+
+
+class ExpertFFNFunction(torch.autograd.Function):
+    """Autograd wrapper of the fused expert FFN: forward and backward are Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, x, weights_flat, w_gate, w_up, w_down, meta, act):
+        save = any(ctx.needs_input_grad[:5])
+        h, gu, y = ffn_forward(x, weights_flat, w_gate, w_up, w_down, meta, act, save_gu=save)
+        if save:
+            ctx.save_for_backward(x, weights_flat, w_gate, w_up, w_down, h, gu)
+        ctx.meta, ctx.act = meta, act
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weights_flat, w_gate, w_up, w_down, h, gu = ctx.saved_tensors
+        grads = ffn_backward(dy, x, weights_flat, w_gate, w_up, w_down, h, gu, ctx.meta, ctx.act,
+                             ctx.needs_input_grad[:5])
+        return (*grads, None, None)

@@ -1,0 +1,404 @@
+"""The Triton kernels of the fused MoE path, and the launchers that size their grids.
+
+Data path (one MoE FFN layer, ``T`` tokens, ``k`` choices, ``E`` experts, ``N = T·k`` assignments)::
+
+    logits [T, E] ─ _router_kernel ─▶ weights [T, k], experts [T, k]
+    experts ─ _count_kernel ─▶ per-block histograms ─ _scan_kernel ─▶ per-expert prefix, counts
+            ─ _schedule_kernel ─▶ offsets [E+1], tile schedule ─ _scatter_kernel ─▶ row_assignment [N]
+    x ─ _up_kernel (gather rows, two GEMMs, act(g)·u epilogue) ─▶ h [N, f] (+ g|u saved for backward)
+    h ─ _down_kernel (GEMM, ·w epilogue, store to the assignment's slot) ─▶ out [T·k, d]
+    out ─ _combine_kernel (Σ over the k slots, fixed order) ─▶ y [T, d]
+
+Backward: ``_dh_kernel`` (dy gathered by token, ``G = dy W_dᵀ``, epilogue: the routing-weight gradient
+``⟨G, h⟩`` and the gated activation's backward) → ``_down_kernel`` again for ``dX`` (two weight halves, no
+scale) → ``_combine_kernel``; ``_wgrad_kernel`` for ``dW_d``, ``dW_g``, ``dW_u`` (per expert, a reduction
+over that expert's rows). No kernel uses atomics, so every result is bitwise deterministic.
+
+Every address that involves a row index or an expert index is computed in 64-bit (:func:`_offset64`):
+``T·d`` and ``E·d·f`` pass 2³¹ on real shapes (DeepSeek-V3: 256·7168·2048 ≈ 3.8·10⁹ weight elements).
+
+All GEMM grids run over a fixed number of tile slots (``ceil(N / block_m) + E``), never over a count read
+back from the device, so a forward pass launches without a host synchronisation.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import config
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _offset64(index, stride):
+    """``index · stride`` in 64-bit: row/expert indices times strides overflow int32 on real shapes."""
+    return index.to(tl.int64) * stride
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr):
+    """0 = SiLU, 1 = GELU (erf), 2 = ReLU, 3 = tanh; float32 in, float32 out."""
+    if ACT == 0:
+        y = x * tl.sigmoid(x)
+    elif ACT == 1:
+        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACT == 2:
+        y = tl.maximum(x, 0.0)
+    else:
+        y = 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    return y
+
+
+@triton.jit
+def _act_grad(x, ACT: tl.constexpr):
+    """Derivative of :func:`_act` at ``x``."""
+    if ACT == 0:
+        s = tl.sigmoid(x)
+        d = s * (1.0 + x * (1.0 - s))
+    elif ACT == 1:
+        d = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+    elif ACT == 2:
+        d = (x > 0.0).to(tl.float32)
+    else:
+        t = 2.0 * tl.sigmoid(2.0 * x) - 1.0
+        d = 1.0 - t * t
+    return d
+
+
+@triton.jit
+def _tile(TileExpert, TileRow, Offsets, BM: tl.constexpr):
+    """This program's tile: its expert (-1: unused slot), its grouped rows and their validity mask."""
+    slot = tl.program_id(0)
+    e = tl.load(TileExpert + slot)
+    row0 = tl.load(TileRow + slot)
+    end = tl.load(Offsets + tl.maximum(e, 0) + 1)
+    rows = row0 + tl.arange(0, BM)
+    return e, rows, rows < end
+
+
+# ---------------------------------------------------------------------------------------------- router
+
+
+@triton.jit
+def _router_kernel(Logits, Bias, Weights, Experts, T, E, stride_l,
+                   K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+                   SCORE: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One program per ``BT`` tokens: score (0 softmax, 1 sigmoid) → k rounds of argmax (lowest index wins
+    ties) → gather the unbiased scores → renormalise. Everything stays in registers."""
+    rt = tl.program_id(0) * BT + tl.arange(0, BT)
+    re = tl.arange(0, BE)
+    tmask = rt < T
+    emask = re < E
+    l = tl.load(Logits + _offset64(rt, stride_l)[:, None] + re[None, :],
+                mask=tmask[:, None] & emask[None, :], other=0.0).to(tl.float32)
+    if SCORE == 0:
+        l = tl.where(emask[None, :], l, -float("inf"))
+        mx = tl.max(l, axis=1)
+        p = tl.exp(l - mx[:, None])
+        p = tl.where(emask[None, :], p, 0.0)
+        s = p / tl.sum(p, axis=1)[:, None]
+    else:
+        s = tl.sigmoid(l)
+    sel = s
+    if HAS_BIAS:
+        sel = s + tl.load(Bias + re, mask=emask, other=0.0).to(tl.float32)[None, :]
+    sel = tl.where(emask[None, :], sel, -float("inf"))
+    kk = tl.arange(0, KP)
+    w_tile = tl.zeros((BT, KP), tl.float32)
+    i_tile = tl.zeros((BT, KP), tl.int32)
+    for j in tl.static_range(K):
+        best = tl.max(sel, axis=1)
+        idx = tl.min(tl.where(sel == best[:, None], re[None, :], BE), axis=1)
+        idx = tl.minimum(idx, E - 1)  # NaN scores: stay in bounds (routing is then unspecified)
+        pick = re[None, :] == idx[:, None]
+        val = tl.sum(tl.where(pick, s, 0.0), axis=1)
+        w_tile = tl.where(kk[None, :] == j, val[:, None], w_tile)
+        i_tile = tl.where(kk[None, :] == j, idx[:, None], i_tile)
+        sel = tl.where(pick, -float("inf"), sel)
+    if RENORM:
+        w_tile = w_tile / tl.sum(w_tile, axis=1)[:, None]
+    out = _offset64(rt, K)[:, None] + kk[None, :]
+    omask = tmask[:, None] & (kk[None, :] < K)
+    tl.store(Weights + out, w_tile, mask=omask)
+    tl.store(Experts + out, i_tile, mask=omask)
+
+
+# -------------------------------------------------------------------------------- permutation metadata
+
+
+@triton.jit
+def _count_kernel(Experts, BlockCounts, N, E, BN: tl.constexpr, BE: tl.constexpr):
+    """Histogram of one block of ``BN`` assignments → ``BlockCounts[block, :E]``."""
+    b = tl.program_id(0)
+    ra = b * BN + tl.arange(0, BN)
+    ids = tl.load(Experts + ra, mask=ra < N, other=0)
+    hist = tl.histogram(ids, BE, mask=ra < N)
+    re = tl.arange(0, BE)
+    tl.store(BlockCounts + _offset64(b, E) + re, hist, mask=re < E)
+
+
+@triton.jit
+def _scan_kernel(BlockCounts, BlockPrefix, Counts, NB, E, BB: tl.constexpr, BE: tl.constexpr):
+    """For ``BE`` experts: exclusive prefix of the block histograms over blocks, and the total count."""
+    re = tl.program_id(0) * BE + tl.arange(0, BE)
+    emask = re < E
+    carry = tl.zeros((BE,), tl.int32)
+    for b0 in range(0, NB, BB):
+        rb = b0 + tl.arange(0, BB)
+        m = (rb < NB)[:, None] & emask[None, :]
+        ptr = _offset64(rb, E)[:, None] + re[None, :]
+        c = tl.load(BlockCounts + ptr, mask=m, other=0)
+        incl = tl.cumsum(c, axis=0)
+        tl.store(BlockPrefix + ptr, incl - c + carry[None, :], mask=m)
+        carry += tl.sum(c, axis=0)
+    tl.store(Counts + re, carry, mask=emask)
+
+
+@triton.jit
+def _schedule_kernel(Counts, Offsets, TileExpert, TileRow, E, MAX_TILES,
+                     BM: tl.constexpr, BE: tl.constexpr, BS: tl.constexpr):
+    """Offsets ``[E+1]`` (program 0 writes them) and ``BS`` slots of the tile schedule per program.
+
+    Each program recomputes the tiny cumulative sums over ``E`` so no program waits for another."""
+    re = tl.arange(0, BE)
+    emask = re < E
+    counts = tl.load(Counts + re, mask=emask, other=0)
+    ends = tl.cumsum(counts, axis=0)
+    starts = ends - counts
+    tiles = (counts + BM - 1) // BM
+    tile_ends = tl.cumsum(tiles, axis=0)
+    tile_starts = tile_ends - tiles
+    if tl.program_id(0) == 0:
+        tl.store(Offsets + re, starts, mask=emask)
+        tl.store(Offsets + E, tl.sum(counts, axis=0))
+    slots = tl.program_id(0) * BS + tl.arange(0, BS)
+    # expert of a slot = number of experts whose tiles end at or before it
+    tile_ends_m = tl.where(emask, tile_ends, 2147483647)
+    e = tl.sum((tile_ends_m[None, :] <= slots[:, None]).to(tl.int32), axis=1)
+    used = e < E
+    pick = re[None, :] == e[:, None]
+    first_tile = tl.sum(tl.where(pick, tile_starts[None, :], 0), axis=1)
+    first_row = tl.sum(tl.where(pick, starts[None, :], 0), axis=1)
+    row = first_row + (slots - first_tile) * BM
+    smask = slots < MAX_TILES
+    tl.store(TileExpert + slots, tl.where(used, e, -1), mask=smask)
+    tl.store(TileRow + slots, tl.where(used, row, 0), mask=smask)
+
+
+@triton.jit
+def _scatter_kernel(Experts, BlockPrefix, Offsets, RowAssignment, N, E, BN: tl.constexpr):
+    """Grouped row of each assignment = expert start + earlier blocks' count + rank inside this block
+    (a stable counting sort), then ``RowAssignment[row] = assignment``."""
+    b = tl.program_id(0)
+    i = tl.arange(0, BN)
+    ra = b * BN + i
+    amask = ra < N
+    ids = tl.load(Experts + ra, mask=amask, other=-1)
+    same_before = (ids[:, None] == ids[None, :]) & (i[None, :] < i[:, None])
+    rank = tl.sum(same_before.to(tl.int32), axis=1)
+    safe = tl.where(amask, ids, 0)
+    row = tl.load(Offsets + safe, mask=amask, other=0) + tl.load(BlockPrefix + _offset64(b, E) + safe,
+                                                                  mask=amask, other=0) + rank
+    tl.store(RowAssignment + row, ra, mask=amask)
+
+
+# ------------------------------------------------------------------------------------- grouped GEMMs
+
+
+@triton.jit
+def _up_kernel(X, WG, WU, H, GU, RowAssignment, TileExpert, TileRow, Offsets,
+               top_k, d, f, stride_x, stride_we, stride_wk, stride_wn, stride_h, stride_gu,
+               ACT: tl.constexpr, SAVE_GU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """``h[r] = act(x_t W_g[e]) ⊙ (x_t W_u[e])`` for a ``BM × BN`` block of one expert's rows.
+
+    The gather ``x[t]`` (``t = assignment // k``) happens inside the A-tile load: the permuted copy of the
+    tokens is never written. Both projections share the A tile; the activation and product are the
+    epilogue, so ``g`` and ``u`` reach memory only when the backward needs them (``SAVE_GU``)."""
+    e, rows, rmask = _tile(TileExpert, TileRow, Offsets, BM)
+    if e < 0:
+        return
+    tok = tl.load(RowAssignment + rows, mask=rmask, other=0) // top_k
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    nmask = rn < f
+    a_ptr = X + _offset64(tok, stride_x)[:, None]
+    w_off = _offset64(e, stride_we) + rn[None, :] * stride_wn
+    acc_g = tl.zeros((BM, BN), tl.float32)
+    acc_u = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, d, BK):
+        rk = k0 + tl.arange(0, BK)
+        kmask = rk < d
+        a = tl.load(a_ptr + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b_off = w_off + _offset64(rk, stride_wk)[:, None]
+        bmask = kmask[:, None] & nmask[None, :]
+        acc_g = tl.dot(a, tl.load(WG + b_off, mask=bmask, other=0.0), acc_g)
+        acc_u = tl.dot(a, tl.load(WU + b_off, mask=bmask, other=0.0), acc_u)
+    h = _act(acc_g, ACT) * acc_u
+    omask = rmask[:, None] & nmask[None, :]
+    h_ptr = H + _offset64(rows, stride_h)[:, None] + rn[None, :]
+    tl.store(h_ptr, h.to(H.dtype.element_ty), mask=omask)
+    if SAVE_GU:
+        gu_ptr = GU + _offset64(rows, stride_gu)[:, None] + rn[None, :]
+        tl.store(gu_ptr, acc_g.to(GU.dtype.element_ty), mask=omask)
+        tl.store(gu_ptr + f, acc_u.to(GU.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _down_kernel(A, B1, B2, Out, Weights, RowAssignment, TileExpert, TileRow, Offsets,
+                 K1, K2, n_out, stride_a, stride_b1e, stride_b1k, stride_b1n, stride_b2e, stride_b2k,
+                 stride_b2n, stride_out,
+                 TWO_B: tl.constexpr, SCALE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """``out[a] = (w_a ·) [A_r[:K1] B1[e] (+ A_r[K1:] B2[e])]`` stored at the row of assignment ``a``.
+
+    Forward: ``A = h``, ``B1 = W_d``, ``SCALE``: the routing weight is applied in the epilogue and the
+    result lands directly in the token's ``j``-th slot of ``[T·k, d]`` — no scatter pass, no atomics.
+    Backward ``dX``: ``A = [dg | du]``, ``B1 = W_gᵀ``, ``B2 = W_uᵀ`` (strided views, no copy)."""
+    e, rows, rmask = _tile(TileExpert, TileRow, Offsets, BM)
+    if e < 0:
+        return
+    assign = tl.load(RowAssignment + rows, mask=rmask, other=0)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    nmask = rn < n_out
+    a_ptr = A + _offset64(rows, stride_a)[:, None]
+    acc = tl.zeros((BM, BN), tl.float32)
+    b1 = B1 + _offset64(e, stride_b1e) + rn[None, :] * stride_b1n
+    for k0 in range(0, K1, BK):
+        rk = k0 + tl.arange(0, BK)
+        kmask = rk < K1
+        a = tl.load(a_ptr + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b1 + _offset64(rk, stride_b1k)[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+    if TWO_B:
+        b2 = B2 + _offset64(e, stride_b2e) + rn[None, :] * stride_b2n
+        for k0 in range(0, K2, BK):
+            rk = k0 + tl.arange(0, BK)
+            kmask = rk < K2
+            a = tl.load(a_ptr + K1 + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b2 + _offset64(rk, stride_b2k)[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc)
+    if SCALE:
+        acc = acc * tl.load(Weights + assign, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    out_ptr = Out + _offset64(assign, stride_out)[:, None] + rn[None, :]
+    tl.store(out_ptr, acc.to(Out.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _combine_kernel(Src, Y, T, n_out, top_k, stride_src, stride_y, BT: tl.constexpr, BN: tl.constexpr):
+    """``y[t] = Σ_j src[t·k + j]`` in float32, ``j`` in a fixed order: a deterministic combine."""
+    rt = tl.program_id(0) * BT + tl.arange(0, BT)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    m = (rt < T)[:, None] & (rn < n_out)[None, :]
+    acc = tl.zeros((BT, BN), tl.float32)
+    for j in range(0, top_k):
+        src = Src + _offset64(rt * top_k + j, stride_src)[:, None] + rn[None, :]
+        acc += tl.load(src, mask=m, other=0.0).to(tl.float32)
+    tl.store(Y + _offset64(rt, stride_y)[:, None] + rn[None, :], acc.to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _dh_kernel(DY, WD, GU, Weights, DGU, DWPartial, RowAssignment, TileExpert, TileRow, Offsets,
+               top_k, d_out, f, stride_dy, stride_wde, stride_wdf, stride_wdd, stride_gu, stride_dgu,
+               stride_dwp, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """``G = dy_t W_d[e]ᵀ`` for a ``BM × BN`` block of hidden units, with the epilogue: the routing-weight
+    gradient's partial sum ``Σ_n G ⊙ act(g) ⊙ u`` (one column per hidden block, summed later in a fixed
+    order), then ``dh = w G``, ``dg = dh ⊙ u ⊙ act'(g)``, ``du = dh ⊙ act(g)``."""
+    e, rows, rmask = _tile(TileExpert, TileRow, Offsets, BM)
+    if e < 0:
+        return
+    assign = tl.load(RowAssignment + rows, mask=rmask, other=0)
+    tok = assign // top_k
+    nb = tl.program_id(1)
+    rn = nb * BN + tl.arange(0, BN)
+    nmask = rn < f
+    dy_ptr = DY + _offset64(tok, stride_dy)[:, None]
+    wd = WD + _offset64(e, stride_wde) + _offset64(rn, stride_wdf)[None, :]
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, d_out, BK):
+        rk = k0 + tl.arange(0, BK)
+        kmask = rk < d_out
+        a = tl.load(dy_ptr + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(wd + rk[:, None] * stride_wdd, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+    m = rmask[:, None] & nmask[None, :]
+    gu_ptr = GU + _offset64(rows, stride_gu)[:, None] + rn[None, :]
+    g = tl.load(gu_ptr, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + f, mask=m, other=0.0).to(tl.float32)
+    a_g = _act(g, ACT)
+    partial = tl.sum(acc * a_g * u, axis=1)
+    tl.store(DWPartial + _offset64(rows, stride_dwp) + nb, partial, mask=rmask)
+    dh = acc * tl.load(Weights + assign, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    dgu_ptr = DGU + _offset64(rows, stride_dgu)[:, None] + rn[None, :]
+    tl.store(dgu_ptr, (dh * u * _act_grad(g, ACT)).to(DGU.dtype.element_ty), mask=m)
+    tl.store(dgu_ptr + f, (dh * a_g).to(DGU.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _wgrad_kernel(A, B, DW, Weights, RowAssignment, Offsets, top_k, M, n_out,
+                  stride_a, stride_b, stride_dwe, stride_dwm, stride_dwn,
+                  GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """``dW[e] = Σ_{rows r of e} (w_r ·) A_rᵀ B_r`` for one ``BM × BN`` block of expert ``e``'s weight.
+
+    A row is a grouped row, or the token it came from (``GATHER``). The reduction runs over the expert's
+    rows, whose bounds come from ``Offsets`` on the device; an empty expert writes zeros."""
+    e = tl.program_id(0)
+    r0 = tl.load(Offsets + e)
+    r1 = tl.load(Offsets + e + 1)
+    rm = tl.program_id(1) * BM + tl.arange(0, BM)
+    rn = tl.program_id(2) * BN + tl.arange(0, BN)
+    mmask = rm < M
+    nmask = rn < n_out
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(r0, r1, BK):
+        rk = k0 + tl.arange(0, BK)
+        kmask = rk < r1
+        assign = tl.load(RowAssignment + rk, mask=kmask, other=0)
+        if GATHER_A:
+            arow = assign // top_k
+        else:
+            arow = rk
+        if GATHER_B:
+            brow = assign // top_k
+        else:
+            brow = rk
+        at = tl.load(A + _offset64(arow, stride_a)[None, :] + rm[:, None], mask=mmask[:, None] & kmask[None, :],
+                     other=0.0)
+        if SCALE_A:
+            w = tl.load(Weights + assign, mask=kmask, other=0.0).to(tl.float32)
+            at = (at.to(tl.float32) * w[None, :]).to(A.dtype.element_ty)
+        b = tl.load(B + _offset64(brow, stride_b)[:, None] + rn[None, :], mask=kmask[:, None] & nmask[None, :],
+                    other=0.0)
+        acc = tl.dot(at, b, acc)
+    out = DW + _offset64(e, stride_dwe) + _offset64(rm, stride_dwm)[:, None] + rn[None, :] * stride_dwn
+    tl.store(out, acc.to(DW.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+# ------------------------------------------------------------------------------------------- probes
+
+
+@triton.jit
+def _offset_probe_kernel(Index, Stride, Out, n, BLOCK: tl.constexpr):
+    """Test hook: evaluates :func:`_offset64` on given indices and strides (no big allocation needed)."""
+    i = tl.arange(0, BLOCK)
+    m = i < n
+    idx = tl.load(Index + i, mask=m, other=0)
+    stride = tl.load(Stride + i, mask=m, other=0)
+    tl.store(Out + i, _offset64(idx, stride), mask=m)
+
+
+#: Kernels and the constexpr/keyword configuration a compile check should try (see ``compile_check``).
+GEMM_KERNELS = {
+    "up": _up_kernel,
+    "down": _down_kernel,
+    "dh": _dh_kernel,
+    "wgrad": _wgrad_kernel,
+}
+OTHER_KERNELS = {
+    "router": _router_kernel,
+    "count": _count_kernel,
+    "scan": _scan_kernel,
+    "schedule": _schedule_kernel,
+    "scatter": _scatter_kernel,
+    "combine": _combine_kernel,
+}
+__all__ = ["config", "GEMM_KERNELS", "OTHER_KERNELS"]

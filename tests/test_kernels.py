@@ -1,0 +1,331 @@
+"""The Triton kernels against their torch references, in Triton's interpreter on the CPU.
+
+Shapes are tiny (the interpreter runs every program instance in numpy) but chosen to hit the edges: experts
+with no rows, one expert taking every row, row counts that are not a multiple of the tile, widths that are
+not a multiple of the blocks, several counting-sort blocks, a non-power-of-two expert count. float32 and
+float16 only: the interpreter's bfloat16 ``tl.dot`` is wrong.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import moe_lib  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
+from moe_lib import MoELayer
+from moe_lib import kernels as K
+from moe_lib.kernels import reference as R
+
+pytestmark = pytest.mark.skipif(not K.available(), reason="triton is not installed")
+
+META_FIELDS = ("counts", "offsets", "row_assignment", "tile_expert", "tile_row")
+
+
+def _experts(kind: str, num_tokens: int, top_k: int, num_experts: int, seed: int = 0) -> torch.Tensor:
+    """Routing patterns: random distinct choices, most experts empty, or one expert on every first choice."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(num_tokens, num_experts, generator=g)
+    if kind == "sparse":  # only experts 1 and num_experts-2 receive rows
+        scores[:, [1, num_experts - 2]] += 10
+    elif kind == "one_takes_all":
+        scores[:, 3] += 10
+    return torch.topk(scores, top_k, dim=1).indices.to(torch.int32)
+
+
+def _weights(num_experts, d, f, d_out=None, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d_out = d if d_out is None else d_out
+    wg = torch.randn(num_experts, d, f, generator=g) / d**0.5
+    wu = torch.randn(num_experts, d, f, generator=g) / d**0.5
+    wd = torch.randn(num_experts, f, d_out, generator=g) / f**0.5
+    return [w.to(dtype) for w in (wg, wu, wd)]
+
+
+# ---------------------------------------------------------------------------------------------- router
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("num_experts,top_k", [(8, 2), (6, 3), (64, 8), (5, 5)])
+def test_router_matches_reference(score, renormalize, num_experts, top_k):
+    g = torch.Generator().manual_seed(num_experts)
+    logits = torch.randn(37, num_experts, generator=g)
+    bias = torch.randn(num_experts, generator=g) * 0.3 if score == "sigmoid" else None
+    w, e = K.route(logits, top_k, score, renormalize, bias)
+    w_ref, e_ref = K.route(logits, top_k, score, renormalize, bias, impl="torch")
+    assert e.dtype == torch.int32 and w.dtype == torch.float32
+    assert torch.equal(e, e_ref)
+    torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
+    assert all(len(set(row)) == top_k for row in e.tolist())  # k distinct experts
+
+
+def test_router_ties_and_bias_select_only():
+    logits = torch.zeros(4, 8)  # every score ties: the lowest indices win
+    w, e = K.route(logits, 3)
+    assert e.tolist() == [[0, 1, 2]] * 4
+    torch.testing.assert_close(w, torch.full((4, 3), 1 / 3))
+    bias = torch.zeros(8)
+    bias[7] = 1.0  # the bias moves expert 7 into the selection but not into the weight
+    w, e = K.route(logits, 2, score="sigmoid", renormalize=False, bias=bias)
+    assert e[:, 0].tolist() == [7] * 4
+    torch.testing.assert_close(w, torch.full((4, 2), 0.5))
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_router_backward_matches_reference(score):
+    logits = torch.randn(20, 8, generator=torch.Generator().manual_seed(1))
+    upstream = torch.randn(20, 2, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for impl in K.IMPLS:
+        l = logits.clone().requires_grad_(True)
+        w, _ = K.route(l, 2, score, True, impl=impl)
+        (w * upstream).sum().backward()
+        grads.append(l.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    assert grads[0].abs().sum() > 0
+
+
+# -------------------------------------------------------------------------------------------- metadata
+
+
+@pytest.mark.parametrize("kind", ["random", "sparse", "one_takes_all"])
+@pytest.mark.parametrize("num_tokens,top_k,num_experts,block_m", [
+    (37, 2, 8, 16),     # T·k not a multiple of the tile, two counting-sort blocks
+    (100, 3, 6, 32),    # E not a power of two, five blocks
+    (1, 1, 4, 16),      # a single assignment
+    (300, 8, 64, 16),   # many experts, 38 blocks
+])
+def test_metadata_matches_reference(kind, num_tokens, top_k, num_experts, block_m):
+    experts = _experts(kind, num_tokens, top_k, num_experts)
+    meta = K.permute_metadata(experts, num_experts, block_m)
+    ref = K.permute_metadata(experts, num_experts, block_m, impl="torch")
+    for field in META_FIELDS:
+        assert torch.equal(getattr(meta, field), getattr(ref, field)), field
+    # invariants: counts sum to T·k, rows grouped by expert, every assignment exactly once
+    assert int(meta.counts.sum()) == num_tokens * top_k
+    flat = experts.reshape(-1).long()
+    assert torch.equal(torch.sort(meta.row_assignment.long()).values, torch.arange(num_tokens * top_k))
+    assert torch.all(flat[meta.row_assignment.long()].diff() >= 0)
+    used = meta.tile_expert >= 0
+    assert int(used.sum()) == int(((meta.counts + block_m - 1) // block_m).sum())
+    assert meta.tiles_used() <= meta.max_tiles
+
+
+def test_tile_schedule_covers_every_row_once():
+    experts = _experts("sparse", 45, 2, 8)
+    meta = K.permute_metadata(experts, 8, 16)
+    covered = torch.zeros(meta.num_assignments, dtype=torch.int64)
+    for e, r in zip(meta.tile_expert.tolist(), meta.tile_row.tolist()):
+        if e < 0:
+            continue
+        end = min(r + 16, int(meta.offsets[e + 1]))
+        assert r >= int(meta.offsets[e])
+        covered[r:end] += 1
+    assert torch.equal(covered, torch.ones_like(covered))
+
+
+# ------------------------------------------------------------------------------------------ expert FFN
+
+
+def _ffn_case(kind, num_tokens, top_k, num_experts, d, f, dtype, seed=0):
+    experts = _experts(kind, num_tokens, top_k, num_experts, seed)
+    meta = K.permute_metadata(experts, num_experts, 16)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(num_tokens, d, generator=g).to(dtype)
+    weights = torch.rand(num_tokens, top_k, generator=g)
+    return x, weights, meta, _weights(num_experts, d, f, dtype=dtype, seed=seed)
+
+
+FFN_CASES = [
+    ("random", 37, 2, 8, 32, 48),       # T not a multiple of the tile, f not a multiple of BN
+    ("sparse", 40, 2, 8, 40, 24),       # six empty experts; d, f not multiples of the blocks
+    ("one_takes_all", 33, 2, 8, 32, 32),
+    ("random", 20, 4, 6, 16, 64),       # E not a power of two
+]
+
+
+@pytest.mark.parametrize("case", FFN_CASES, ids=lambda c: f"{c[0]}-T{c[1]}-k{c[2]}-E{c[3]}-d{c[4]}-f{c[5]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_expert_ffn_forward_backward_match_reference(case, dtype):
+    x, weights, meta, ws = _ffn_case(*case, dtype=dtype)
+    # the reference runs in float32 from the same (rounded) inputs
+    inputs = [x, weights, *ws]
+    outs, grads = [], []
+    upstream = torch.randn(x.shape[0], ws[2].shape[2], generator=torch.Generator().manual_seed(9))
+    for impl in K.IMPLS:
+        leaves = [t.detach().float().clone() if impl == "torch" else t.detach().clone() for t in inputs]
+        for t in leaves:
+            t.requires_grad_(True)
+        y = K.expert_ffn(leaves[0], leaves[1], meta, *leaves[2:], impl=impl)
+        (y.float() * upstream).sum().backward()
+        outs.append(y.float())
+        grads.append([t.grad.float() for t in leaves])
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(outs[0], outs[1], **tol)
+    for name, a, b in zip(["x", "weights", "w_gate", "w_up", "w_down"], grads[0], grads[1]):
+        scale = b.abs().max().clamp(min=1e-6)
+        assert (a - b).abs().max() / scale < (1e-4 if dtype == torch.float32 else 2e-2), name
+    if case[0] == "sparse":  # experts with no rows get exactly zero weight gradient
+        empty = (meta.counts == 0).nonzero().squeeze(1)
+        for g in grads[0][2:]:
+            assert torch.all(g[empty] == 0)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "tanh"])
+def test_expert_ffn_other_activations(activation):
+    x, weights, meta, ws = _ffn_case("random", 24, 2, 4, 16, 32, torch.float32)
+    leaves = [[t.clone().requires_grad_(True) for t in (x, weights, *ws)] for _ in K.IMPLS]
+    ys = [K.expert_ffn(l[0], l[1], meta, *l[2:], activation=activation, impl=impl) for l, impl in zip(leaves, K.IMPLS)]
+    torch.testing.assert_close(ys[0], ys[1], rtol=1e-4, atol=1e-5)
+    for y in ys:
+        y.pow(2).sum().backward()
+    for a, b in zip(*leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_expert_ffn_is_deterministic():
+    x, weights, meta, ws = _ffn_case("one_takes_all", 33, 2, 8, 32, 32, torch.float32)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_(True) for t in (x, weights, *ws)]
+        y = K.expert_ffn(leaves[0], leaves[1], meta, *leaves[2:])
+        y.pow(2).sum().backward()
+        runs.append([y.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)  # bitwise: no atomics anywhere
+
+
+def test_fused_moe_matches_reference_and_returns_routing():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(29, 32, generator=g)
+    router = torch.randn(8, 32, generator=g) / 32**0.5
+    ws = _weights(8, 32, 48)
+    y, (w, e, meta) = K.fused_moe(x, router, *ws, top_k=2, return_routing=True)
+    y_ref = K.fused_moe(x, router, *ws, top_k=2, impl="torch")
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    assert w.shape == e.shape == (29, 2) and meta.num_assignments == 58
+    # equals the book's loop backend through MoELayer with the same weights
+    layer = MoELayer(32, 48, 8, top_k=2, expert="swiglu", backend="loop")
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(router)
+        layer.experts.w_gate.copy_(ws[0]); layer.experts.w_up.copy_(ws[1]); layer.experts.w_down.copy_(ws[2])
+        torch.testing.assert_close(layer(x), y, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ MoELayer backend
+
+
+@pytest.mark.parametrize("options", [
+    {"top_k": 2},
+    {"top_k": 2, "capacity_factor": 0.8},                      # drops: incomplete metadata
+    {"top_k": 1, "router": "switch", "capacity_factor": 1.0},
+    {"top_k": 2, "expert": "glu", "activation": "gelu"},
+], ids=["dropless", "capacity", "switch", "geglu"])
+@pytest.mark.parametrize("backend", ["triton", "grouped_mm"])
+def test_layer_backends_match_loop(options, backend):
+    options = {"expert": "swiglu", **options}
+    torch.manual_seed(0)
+    ref = MoELayer(32, 48, 8, backend="loop", **options)
+    layer = MoELayer(32, 48, 8, backend=backend, **options)
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 20, 32)
+    y_ref, info = ref(x, return_info=True)
+    y = layer(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    if "capacity_factor" in options:
+        assert info.plan.dropped_assignments > 0
+    y_ref.pow(2).sum().backward()
+    y.pow(2).sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), layer.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_triton_backend_rejects_ungated_experts():
+    layer = MoELayer(16, 32, 4, top_k=2, expert="mlp", backend="triton")
+    with pytest.raises(ValueError, match="backend='triton' supports expert kinds"):
+        layer(torch.randn(5, 16))
+
+
+# ---------------------------------------------------------------------------------- 64-bit addressing
+
+
+def test_offsets_are_64_bit():
+    """Every row/expert address in the kernels goes through ``_offset64``; evaluate it in a kernel on
+    indices whose products pass 2³¹ (DeepSeek-V3: 256 experts × 7168 × 2048 weights; 300k tokens × 7168)."""
+    from moe_lib.kernels import triton_kernels as tk
+
+    index = torch.tensor([300_000, 255, 2**31 - 1, 7], dtype=torch.int32)
+    stride = torch.tensor([7168, 7168 * 2048, 4096, 3], dtype=torch.int32)
+    out = torch.zeros(4, dtype=torch.int64)
+    tk._offset_probe_kernel[(1,)](index, stride, out, 4, BLOCK=4)
+    expected = index.long() * stride.long()
+    assert torch.equal(out, expected)
+    assert (expected > 2**31 - 1).sum() == 3  # the case is real: int32 arithmetic would wrap
+    wrapped = (index.numpy().astype(np.int32) * stride.numpy().astype(np.int32))
+    assert not np.array_equal(wrapped.astype(np.int64), expected.numpy())
+
+
+def test_every_kernel_address_uses_offset64():
+    """Source check: in the GEMM and combine kernels, row and expert indices reach a pointer only through
+    ``_offset64`` (a plain ``rows * stride`` would be int32)."""
+    import inspect
+    import re
+
+    from moe_lib.kernels import triton_kernels as tk
+
+    for fn in [*tk.GEMM_KERNELS.values(), tk._combine_kernel, tk._router_kernel]:
+        src = inspect.getsource(fn.fn)
+        bad = re.findall(r"\b(rows|tok|assign|arow|brow|rt|e)\s*\*\s*stride", src)
+        assert not bad, f"{fn.fn.__name__} multiplies {bad} by a stride in int32"
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_input_names_the_argument():
+    logits = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="unknown impl .cuda.; accepted values"):
+        K.route(logits, 2, impl="cuda")
+    with pytest.raises(ValueError, match="score"):
+        K.route(logits, 2, score="relu")
+    with pytest.raises(ValueError, match="top_k"):
+        K.route(logits, 9)
+    with pytest.raises(ValueError, match="bias"):
+        K.route(logits, 2, bias=torch.zeros(7))
+    experts = _experts("random", 4, 2, 8)
+    with pytest.raises(ValueError, match="block_m must be one of"):
+        K.permute_metadata(experts, 8, block_m=48)
+    with pytest.raises(TypeError, match="experts must be an integer tensor"):
+        K.permute_metadata(experts.float(), 8)
+    meta = K.permute_metadata(experts, 8)
+    ws = _weights(8, 16, 32)
+    with pytest.raises(ValueError, match="must match meta"):
+        K.expert_ffn(torch.randn(5, 16), torch.rand(5, 2), meta, *ws)
+    with pytest.raises(ValueError, match="w_down must have shape"):
+        K.expert_ffn(torch.randn(4, 16), torch.rand(4, 2), meta, ws[0], ws[1], ws[2][:, :8])
+    with pytest.raises(TypeError, match="share one dtype"):
+        K.expert_ffn(torch.randn(4, 16).half(), torch.rand(4, 2), meta, *ws)
+    with pytest.raises(ValueError, match="activation"):
+        K.expert_ffn(torch.randn(4, 16), torch.rand(4, 2), meta, *ws, activation="swish")
+    with pytest.raises(ValueError, match="unknown backend .cuda."):
+        MoELayer(16, 32, 4, backend="cuda")
+
+
+# -------------------------------------------------------------------------------- compiles for sm_90
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper():
+    """Every kernel builds for sm_90 (no GPU needed), the GEMMs use wgmma and none spills to local memory."""
+    from moe_lib.kernels.compile_check import run_in_subprocess
+
+    results = run_in_subprocess(arch=90, block_m=128)
+    failed = [r for r in results if not r["ok"]]
+    assert not failed, failed
+    for r in results:
+        if r["kernel"] in ("up", "down", "dh", "wgrad"):
+            assert r["wgmma"], r
+            assert r["async_copies"] > 0, r  # software-pipelined loads
+        assert not r["local_memory"], r
+        assert r["shared_bytes"] <= 227 * 1024, r  # H100/H200 per-block shared memory limit
