@@ -35,7 +35,10 @@ def _tuned(kind: str):
     for c in config.autotune_configs(kind):
         c = dict(c)
         configs.append(triton.Config(c, num_warps=c.pop("num_warps"), num_stages=c.pop("num_stages")))
-    return triton.autotune(configs=configs, key=keys)(kernel)
+    # the dh kernel writes one partial-sum column per hidden block: configs with another BN leave other
+    # columns behind, so the autotuner must zero that buffer between trials
+    reset = ["DWPartial"] if kind == "dh" else None
+    return triton.autotune(configs=configs, key=keys, reset_to_zero=reset)(kernel)
 
 
 def _launch(kind: str, grid, *args, block_m: int | None = None, **constexprs):
@@ -167,9 +170,9 @@ def _grid(meta, width: int, kind: str):
     bm = meta.block_m
 
     def grid(m):
-        return (meta.max_tiles, triton.cdiv(width, m["BN"]))
+        return (meta.max_tiles * triton.cdiv(width, m["BN"]),)
 
-    return grid if config.autotuning() else (meta.max_tiles, triton.cdiv(width, _meta(kind, bm)["BN"]))
+    return grid if config.autotuning() else (meta.max_tiles * triton.cdiv(width, _meta(kind, bm)["BN"]),)
 
 
 def ffn_forward(x, weights_flat, w_gate, w_up, w_down, meta, act: str, save_gu: bool):
@@ -213,9 +216,9 @@ def ffn_backward(dy, x, weights_flat, w_gate, w_up, w_down, h, gu, meta, act: st
     d_out = w_down.shape[2]
     dy = dy.contiguous()
     dgu = torch.empty(n, 2 * f, dtype=x.dtype, device=x.device)
-    bn = config.autotune_configs("dh")[0]["BN"] if config.autotuning() else _meta("dh", meta.block_m)["BN"]
-    # the autotuner may pick another BN: size the partial sums for the narrowest candidate
-    n_fblocks = triton.cdiv(f, min([bn] + ([c["BN"] for c in config.autotune_configs("dh")] if config.autotuning() else [])))
+    # one partial sum per hidden block; the autotuner may pick any candidate BN, so size for the narrowest
+    candidates = config.autotune_configs("dh") if config.autotuning() else [_meta("dh", meta.block_m)]
+    n_fblocks = triton.cdiv(f, min(c["BN"] for c in candidates))
     dw_partial = torch.zeros(n, n_fblocks, dtype=torch.float32, device=x.device)
     _launch("dh", _grid(meta, f, "dh"),
             dy, w_down, gu, weights_flat, dgu, dw_partial, meta.row_assignment, meta.tile_expert, meta.tile_row,

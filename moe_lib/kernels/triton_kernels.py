@@ -67,14 +67,25 @@ def _act_grad(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tile(TileExpert, TileRow, Offsets, BM: tl.constexpr):
-    """This program's tile: its expert (-1: unused slot), its grouped rows and their validity mask."""
-    slot = tl.program_id(0)
+def _tile(TileExpert, TileRow, Offsets, width, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
+    """This program's tile and output column block, its expert (-1: unused slot), grouped rows and mask.
+
+    The 1-D grid enumerates (tile slot, column block) pairs in groups of ``GROUP`` tiles: the programs that
+    run together share ``GROUP`` tiles' rows and each column block's weights, so both stay in L2
+    (the grouped ordering of Triton's matmul tutorial, applied to tile slots)."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(width, BN)
+    num_slots = tl.num_programs(0) // num_n
+    per_group = GROUP * num_n
+    first = (pid // per_group) * GROUP
+    size = tl.minimum(num_slots - first, GROUP)
+    slot = first + (pid % per_group) % size
+    nb = (pid % per_group) // size
     e = tl.load(TileExpert + slot)
     row0 = tl.load(TileRow + slot)
     end = tl.load(Offsets + tl.maximum(e, 0) + 1)
     rows = row0 + tl.arange(0, BM)
-    return e, rows, rows < end
+    return e, rows, rows < end, nb
 
 
 # ---------------------------------------------------------------------------------------------- router
@@ -209,17 +220,18 @@ def _scatter_kernel(Experts, BlockPrefix, Offsets, RowAssignment, N, E, BN: tl.c
 @triton.jit
 def _up_kernel(X, WG, WU, H, GU, RowAssignment, TileExpert, TileRow, Offsets,
                top_k, d, f, stride_x, stride_we, stride_wk, stride_wn, stride_h, stride_gu,
-               ACT: tl.constexpr, SAVE_GU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+               ACT: tl.constexpr, SAVE_GU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+               GROUP: tl.constexpr = 8):
     """``h[r] = act(x_t W_g[e]) ⊙ (x_t W_u[e])`` for a ``BM × BN`` block of one expert's rows.
 
     The gather ``x[t]`` (``t = assignment // k``) happens inside the A-tile load: the permuted copy of the
     tokens is never written. Both projections share the A tile; the activation and product are the
     epilogue, so ``g`` and ``u`` reach memory only when the backward needs them (``SAVE_GU``)."""
-    e, rows, rmask = _tile(TileExpert, TileRow, Offsets, BM)
+    e, rows, rmask, nb = _tile(TileExpert, TileRow, Offsets, f, BM, BN, GROUP)
     if e < 0:
         return
     tok = tl.load(RowAssignment + rows, mask=rmask, other=0) // top_k
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    rn = nb * BN + tl.arange(0, BN)
     nmask = rn < f
     a_ptr = X + _offset64(tok, stride_x)[:, None]
     w_off = _offset64(e, stride_we) + rn[None, :] * stride_wn
@@ -247,17 +259,18 @@ def _up_kernel(X, WG, WU, H, GU, RowAssignment, TileExpert, TileRow, Offsets,
 def _down_kernel(A, B1, B2, Out, Weights, RowAssignment, TileExpert, TileRow, Offsets,
                  K1, K2, n_out, stride_a, stride_b1e, stride_b1k, stride_b1n, stride_b2e, stride_b2k,
                  stride_b2n, stride_out,
-                 TWO_B: tl.constexpr, SCALE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 TWO_B: tl.constexpr, SCALE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 GROUP: tl.constexpr = 8):
     """``out[a] = (w_a ·) [A_r[:K1] B1[e] (+ A_r[K1:] B2[e])]`` stored at the row of assignment ``a``.
 
     Forward: ``A = h``, ``B1 = W_d``, ``SCALE``: the routing weight is applied in the epilogue and the
     result lands directly in the token's ``j``-th slot of ``[T·k, d]`` — no scatter pass, no atomics.
     Backward ``dX``: ``A = [dg | du]``, ``B1 = W_gᵀ``, ``B2 = W_uᵀ`` (strided views, no copy)."""
-    e, rows, rmask = _tile(TileExpert, TileRow, Offsets, BM)
+    e, rows, rmask, nb = _tile(TileExpert, TileRow, Offsets, n_out, BM, BN, GROUP)
     if e < 0:
         return
     assign = tl.load(RowAssignment + rows, mask=rmask, other=0)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    rn = nb * BN + tl.arange(0, BN)
     nmask = rn < n_out
     a_ptr = A + _offset64(rows, stride_a)[:, None]
     acc = tl.zeros((BM, BN), tl.float32)
@@ -298,16 +311,16 @@ def _combine_kernel(Src, Y, T, n_out, top_k, stride_src, stride_y, BT: tl.conste
 @triton.jit
 def _dh_kernel(DY, WD, GU, Weights, DGU, DWPartial, RowAssignment, TileExpert, TileRow, Offsets,
                top_k, d_out, f, stride_dy, stride_wde, stride_wdf, stride_wdd, stride_gu, stride_dgu,
-               stride_dwp, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+               stride_dwp, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+               GROUP: tl.constexpr = 8):
     """``G = dy_t W_d[e]ᵀ`` for a ``BM × BN`` block of hidden units, with the epilogue: the routing-weight
     gradient's partial sum ``Σ_n G ⊙ act(g) ⊙ u`` (one column per hidden block, summed later in a fixed
     order), then ``dh = w G``, ``dg = dh ⊙ u ⊙ act'(g)``, ``du = dh ⊙ act(g)``."""
-    e, rows, rmask = _tile(TileExpert, TileRow, Offsets, BM)
+    e, rows, rmask, nb = _tile(TileExpert, TileRow, Offsets, f, BM, BN, GROUP)
     if e < 0:
         return
     assign = tl.load(RowAssignment + rows, mask=rmask, other=0)
     tok = assign // top_k
-    nb = tl.program_id(1)
     rn = nb * BN + tl.arange(0, BN)
     nmask = rn < f
     dy_ptr = DY + _offset64(tok, stride_dy)[:, None]
