@@ -111,6 +111,19 @@ def test_metadata_matches_reference(kind, num_tokens, top_k, num_experts, block_
     assert meta.tiles_used() <= meta.max_tiles
 
 
+@pytest.mark.parametrize("kind", ["random", "sparse", "one_takes_all"])
+@pytest.mark.parametrize("small_limit", [0, 4096], ids=["blocked", "one-program"])
+def test_both_metadata_paths_match_reference(kind, small_limit):
+    """Decode-sized inputs take the one-program sort by default; force each path on the same input."""
+    from moe_lib.kernels import ops
+
+    experts = _experts(kind, 150, 4, 12)
+    ref = K.reference.permute_metadata_ref(experts, 12, 16, 150 * 4 // 16 + 13)
+    got = ops.permute_metadata(experts, 12, 16, 150 * 4 // 16 + 13, small_limit=small_limit)
+    for field, a, b in zip(META_FIELDS, got, ref):
+        assert torch.equal(a, b), field
+
+
 def test_tile_schedule_covers_every_row_once():
     experts = _experts("sparse", 45, 2, 8)
     meta = K.permute_metadata(experts, 8, 16)

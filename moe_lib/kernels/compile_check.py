@@ -54,6 +54,8 @@ def _kernel_specs(block_m: int = 128) -> dict:
         "scan": ([I32P, I32P, I32P, "i32", "i32"], {"BB": 64, "BE": 32}, {"num_warps": 4, "num_stages": 1}),
         "schedule": ([I32P, I32P, I32P, I32P, "i32", "i32"], {"BM": block_m, "BE": 256, "BS": 32},
                      {"num_warps": 4, "num_stages": 1}),
+        "metadata_small": ([I32P] * 6 + ["i32", "i32", "i32"],
+                           {"BN": 1024, "SHIFT": 10, "BE": 64, "BM": 16, "BS": 64}, {"num_warps": 4, "num_stages": 1}),
         "scatter": ([I32P, I32P, I32P, I32P, "i32", "i32"], {"BN": 64}, {"num_warps": 4, "num_stages": 1}),
         "up": ([BF16, BF16, BF16, BF16, BF16, I32P, I32P, I32P, I32P] + ["i32"] * 9,
                {"ACT": 0, "SAVE_GU": True, "BM": block_m, "GROUP": 8, **up_meta}, up_opts),

@@ -118,13 +118,32 @@ def schedule(counts: Tensor, block_m: int, max_tiles: int) -> tuple[Tensor, Tens
     return offsets, tile_expert, tile_row
 
 
-def permute_metadata(experts: Tensor, num_experts: int, block_m: int, max_tiles: int):
-    """Counting sort of the assignments by expert, in four small kernels (histogram per block → prefix
-    over blocks → offsets and tile schedule → stable scatter). Returns the same tuple as
+SMALL_LIMIT = 4096  # up to this many assignments, one program sorts them (decode)
+
+
+def permute_metadata(experts: Tensor, num_experts: int, block_m: int, max_tiles: int,
+                     small_limit: int = SMALL_LIMIT):
+    """Group the assignments by expert. Up to ``small_limit`` assignments: one program sorts them and
+    builds everything. Above: a counting sort in four small kernels (histogram per block → prefix over
+    blocks → offsets and tile schedule → stable scatter). Returns the same tuple as
     :func:`~moe_lib.kernels.reference.permute_metadata_ref`."""
     flat = experts.reshape(-1).to(torch.int32).contiguous()
     n = flat.shape[0]
     device = flat.device
+    if 0 < n <= small_limit:
+        counts = torch.empty(num_experts, dtype=torch.int32, device=device)
+        offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
+        row_assignment = torch.empty(n, dtype=torch.int32, device=device)
+        tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=device)
+        tile_row = torch.empty(max_tiles, dtype=torch.int32, device=device)
+        block_n = _pow2(n)
+        block_e = _pow2(num_experts)
+        tk._metadata_small_kernel[(1,)](
+            flat, counts, offsets, row_assignment, tile_expert, tile_row, n, num_experts, max_tiles,
+            BN=block_n, SHIFT=block_n.bit_length() - 1, BE=block_e, BM=block_m,
+            BS=max(1, min(64, 8192 // block_e)), num_warps=8 if block_n >= 2048 else 4,
+        )
+        return counts, offsets, row_assignment, tile_expert, tile_row
     num_blocks = triton.cdiv(n, SCATTER_BLOCK)
     block_e = _pow2(num_experts)
     block_counts = torch.empty(max(num_blocks, 1), num_experts, dtype=torch.int32, device=device)

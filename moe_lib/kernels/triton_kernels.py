@@ -3,6 +3,7 @@
 Data path (one MoE FFN layer, ``T`` tokens, ``k`` choices, ``E`` experts, ``N = T·k`` assignments)::
 
     logits [T, E] ─ _router_kernel ─▶ weights [T, k], experts [T, k]
+    experts ─ _metadata_small_kernel ─▶ everything below in one program, when N ≤ 4096 (decode), else:
     experts ─ _count_kernel ─▶ per-block histograms ─ _scan_kernel ─▶ per-expert prefix, counts
             ─ _schedule_kernel ─▶ offsets [E+1], tile schedule ─ _scatter_kernel ─▶ row_assignment [N]
     x ─ _up_kernel (gather rows, two GEMMs, act(g)·u epilogue) ─▶ h [N, f] (+ g|u saved for backward)
@@ -167,6 +168,24 @@ def _scan_kernel(BlockCounts, BlockPrefix, Counts, NB, E, BB: tl.constexpr, BE: 
 
 
 @triton.jit
+def _schedule_slots(counts, re, emask, slots, E, BM: tl.constexpr):
+    """Expert (``E`` for an unused slot) and first grouped row of tile ``slots``, from ``counts`` held in
+    registers: expert ``e`` owns ``ceil(counts[e] / BM)`` consecutive slots."""
+    ends = tl.cumsum(counts, axis=0)
+    starts = ends - counts
+    tiles = (counts + BM - 1) // BM
+    tile_ends = tl.cumsum(tiles, axis=0)
+    tile_starts = tile_ends - tiles
+    # expert of a slot = number of experts whose tiles end at or before it
+    tile_ends_m = tl.where(emask, tile_ends, 2147483647)
+    e = tl.sum((tile_ends_m[None, :] <= slots[:, None]).to(tl.int32), axis=1)
+    pick = re[None, :] == e[:, None]
+    first_tile = tl.sum(tl.where(pick, tile_starts[None, :], 0), axis=1)
+    first_row = tl.sum(tl.where(pick, starts[None, :], 0), axis=1)
+    return e, first_row + (slots - first_tile) * BM
+
+
+@triton.jit
 def _schedule_kernel(Counts, Offsets, TileExpert, TileRow, E, MAX_TILES,
                      BM: tl.constexpr, BE: tl.constexpr, BS: tl.constexpr):
     """Offsets ``[E+1]`` (program 0 writes them) and ``BS`` slots of the tile schedule per program.
@@ -175,26 +194,42 @@ def _schedule_kernel(Counts, Offsets, TileExpert, TileRow, E, MAX_TILES,
     re = tl.arange(0, BE)
     emask = re < E
     counts = tl.load(Counts + re, mask=emask, other=0)
-    ends = tl.cumsum(counts, axis=0)
-    starts = ends - counts
-    tiles = (counts + BM - 1) // BM
-    tile_ends = tl.cumsum(tiles, axis=0)
-    tile_starts = tile_ends - tiles
     if tl.program_id(0) == 0:
-        tl.store(Offsets + re, starts, mask=emask)
+        tl.store(Offsets + re, tl.cumsum(counts, axis=0) - counts, mask=emask)
         tl.store(Offsets + E, tl.sum(counts, axis=0))
     slots = tl.program_id(0) * BS + tl.arange(0, BS)
-    # expert of a slot = number of experts whose tiles end at or before it
-    tile_ends_m = tl.where(emask, tile_ends, 2147483647)
-    e = tl.sum((tile_ends_m[None, :] <= slots[:, None]).to(tl.int32), axis=1)
+    e, row = _schedule_slots(counts, re, emask, slots, E, BM)
     used = e < E
-    pick = re[None, :] == e[:, None]
-    first_tile = tl.sum(tl.where(pick, tile_starts[None, :], 0), axis=1)
-    first_row = tl.sum(tl.where(pick, starts[None, :], 0), axis=1)
-    row = first_row + (slots - first_tile) * BM
     smask = slots < MAX_TILES
     tl.store(TileExpert + slots, tl.where(used, e, -1), mask=smask)
     tl.store(TileRow + slots, tl.where(used, row, 0), mask=smask)
+
+
+@triton.jit
+def _metadata_small_kernel(Experts, Counts, Offsets, RowAssignment, TileExpert, TileRow, N, E, MAX_TILES,
+                           BN: tl.constexpr, SHIFT: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr,
+                           BS: tl.constexpr):
+    """All the metadata in one program when ``N ≤ BN`` (decode): sort the keys ``expert·2^SHIFT +
+    assignment`` (unique, so the sort is stable by construction), histogram, offsets, tile schedule.
+    One launch instead of four: at decode sizes launches, not bytes, are the cost."""
+    ra = tl.arange(0, BN)
+    amask = ra < N
+    ids = tl.load(Experts + ra, mask=amask, other=E)  # padding sorts after every real expert
+    keys = tl.sort((ids << SHIFT) | ra)
+    tl.store(RowAssignment + ra, keys & (BN - 1), mask=amask)
+    re = tl.arange(0, BE)
+    emask = re < E
+    counts = tl.histogram(tl.where(amask, ids, 0), BE, mask=amask)
+    tl.store(Counts + re, counts, mask=emask)
+    tl.store(Offsets + re, tl.cumsum(counts, axis=0) - counts, mask=emask)
+    tl.store(Offsets + E, tl.sum(counts, axis=0))
+    for s0 in range(0, MAX_TILES, BS):
+        slots = s0 + tl.arange(0, BS)
+        e, row = _schedule_slots(counts, re, emask, slots, E, BM)
+        used = e < E
+        smask = slots < MAX_TILES
+        tl.store(TileExpert + slots, tl.where(used, e, -1), mask=smask)
+        tl.store(TileRow + slots, tl.where(used, row, 0), mask=smask)
 
 
 @triton.jit
@@ -411,6 +446,7 @@ OTHER_KERNELS = {
     "count": _count_kernel,
     "scan": _scan_kernel,
     "schedule": _schedule_kernel,
+    "metadata_small": _metadata_small_kernel,
     "scatter": _scatter_kernel,
     "combine": _combine_kernel,
 }
