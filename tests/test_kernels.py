@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import moe_lib  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
 from moe_lib import MoELayer
@@ -122,6 +124,23 @@ def test_both_metadata_paths_match_reference(kind, small_limit):
     got = ops.permute_metadata(experts, 12, 16, 150 * 4 // 16 + 13, small_limit=small_limit)
     for field, a, b in zip(META_FIELDS, got, ref):
         assert torch.equal(a, b), field
+
+
+@settings(max_examples=25, deadline=None)
+@given(num_tokens=st.integers(1, 70), num_experts=st.integers(1, 40), data=st.data())
+def test_router_and_metadata_invariants(num_tokens, num_experts, data):
+    """Any shape: k distinct experts, weights ≥ 0 summing to 1, metadata equal to the reference."""
+    top_k = data.draw(st.integers(1, min(num_experts, 8)))
+    block_m = data.draw(st.sampled_from([16, 32]))
+    seed = data.draw(st.integers(0, 2**16))
+    logits = torch.randn(num_tokens, num_experts, generator=torch.Generator().manual_seed(seed))
+    w, e = K.route(logits, top_k)
+    assert torch.all(w >= 0) and torch.allclose(w.sum(1), torch.ones(num_tokens))
+    assert all(len(set(row)) == top_k for row in e.tolist())
+    meta = K.permute_metadata(e, num_experts, block_m)
+    ref = K.permute_metadata(e, num_experts, block_m, impl="torch")
+    for field in META_FIELDS:
+        assert torch.equal(getattr(meta, field), getattr(ref, field)), field
 
 
 def test_tile_schedule_covers_every_row_once():
