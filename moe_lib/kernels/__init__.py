@@ -15,7 +15,6 @@ slow to time. ``MoELayer(..., backend="triton")`` runs its experts through :func
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .._validate import check_bool, check_choice, check_int
+from ..grouping import max_tiles
 from . import reference
 from .config import BLOCK_M_CHOICES, block_m_for, interpreting
 
@@ -122,9 +122,8 @@ class Metadata:
         return self.tiles_used() * self.block_m
 
 
-def max_tiles_for(num_rows: int, num_experts: int, block_m: int) -> int:
-    """``ceil(N / block_m) + E`` ≥ ``Σ_e ceil(n_e / block_m)`` for any split of ``N`` rows over ``E`` experts."""
-    return math.ceil(num_rows / block_m) + num_experts
+#: ``ceil(N / block_m) + E`` ≥ ``Σ_e ceil(n_e / block_m)`` for any split of ``N`` rows over ``E`` experts.
+max_tiles_for = max_tiles
 
 
 def _check_block_m(block_m, num_rows: int, num_experts: int) -> int:
