@@ -189,7 +189,7 @@ def test_bad_backend_and_family():
         random_block("llama")
     converted = from_transformers(block)
     with pytest.raises(ValueError, match="backend"):
-        converted.backend = "triton"
+        converted.backend = "cutlass"
     with pytest.raises(TypeError, match="hidden_states"):
         converted([1.0, 2.0])
 
