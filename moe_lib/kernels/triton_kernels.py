@@ -186,6 +186,16 @@ def _schedule_slots(counts, re, emask, slots, E, BM: tl.constexpr):
 
 
 @triton.jit
+def _store_schedule(TileExpert, TileRow, counts, re, emask, slots, E, MAX_TILES, BM: tl.constexpr):
+    """Write tile ``slots`` of the schedule (``-1`` / row 0 for unused slots)."""
+    e, row = _schedule_slots(counts, re, emask, slots, E, BM)
+    used = e < E
+    smask = slots < MAX_TILES
+    tl.store(TileExpert + slots, tl.where(used, e, -1), mask=smask)
+    tl.store(TileRow + slots, tl.where(used, row, 0), mask=smask)
+
+
+@triton.jit
 def _schedule_kernel(Counts, Offsets, TileExpert, TileRow, E, MAX_TILES,
                      BM: tl.constexpr, BE: tl.constexpr, BS: tl.constexpr):
     """Offsets ``[E+1]`` (program 0 writes them) and ``BS`` slots of the tile schedule per program.
@@ -197,12 +207,8 @@ def _schedule_kernel(Counts, Offsets, TileExpert, TileRow, E, MAX_TILES,
     if tl.program_id(0) == 0:
         tl.store(Offsets + re, tl.cumsum(counts, axis=0) - counts, mask=emask)
         tl.store(Offsets + E, tl.sum(counts, axis=0))
-    slots = tl.program_id(0) * BS + tl.arange(0, BS)
-    e, row = _schedule_slots(counts, re, emask, slots, E, BM)
-    used = e < E
-    smask = slots < MAX_TILES
-    tl.store(TileExpert + slots, tl.where(used, e, -1), mask=smask)
-    tl.store(TileRow + slots, tl.where(used, row, 0), mask=smask)
+    _store_schedule(TileExpert, TileRow, counts, re, emask, tl.program_id(0) * BS + tl.arange(0, BS), E,
+                    MAX_TILES, BM)
 
 
 @triton.jit
@@ -224,12 +230,7 @@ def _metadata_small_kernel(Experts, Counts, Offsets, RowAssignment, TileExpert, 
     tl.store(Offsets + re, tl.cumsum(counts, axis=0) - counts, mask=emask)
     tl.store(Offsets + E, tl.sum(counts, axis=0))
     for s0 in range(0, MAX_TILES, BS):
-        slots = s0 + tl.arange(0, BS)
-        e, row = _schedule_slots(counts, re, emask, slots, E, BM)
-        used = e < E
-        smask = slots < MAX_TILES
-        tl.store(TileExpert + slots, tl.where(used, e, -1), mask=smask)
-        tl.store(TileRow + slots, tl.where(used, row, 0), mask=smask)
+        _store_schedule(TileExpert, TileRow, counts, re, emask, s0 + tl.arange(0, BS), E, MAX_TILES, BM)
 
 
 @triton.jit
