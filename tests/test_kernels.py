@@ -365,3 +365,16 @@ def test_kernels_compile_for_hopper(block_m):
             assert r["async_copies"] > 0, r  # software-pipelined loads
         assert not r["local_memory"], r
         assert r["shared_bytes"] <= 227 * 1024, r  # H100/H200 per-block shared memory limit
+
+
+def test_gpu_check_smoke_runs(tmp_path):
+    """The device check of benchmarks/run_h200.sh, on tiny shapes (here: the interpreter, float32)."""
+    import json
+
+    from moe_lib.kernels import gpu_check
+
+    out = tmp_path / "check.json"
+    assert gpu_check.main(["--smoke", "--tokens", "24", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["shape"] for r in rows] == ["smoke-coarse", "smoke-fine"]
+    assert all(r["ok"] and r["deterministic"] and r["relerr_dx"] < 1e-5 for r in rows)

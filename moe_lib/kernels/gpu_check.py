@@ -1,0 +1,141 @@
+"""Check the Triton path on the device it will be timed on: accuracy, determinism, no host synchronisation.
+
+The interpreter tests (``tests/test_kernels.py``) cover the logic on the CPU in float32/float16; this check
+covers what only a GPU can show, at the shapes of the benchmark (``T`` small enough to run in seconds):
+
+* **accuracy** in bfloat16 against a float64 reference on the same (rounded) inputs — output, ``dx``, the
+  routing-weight gradient and the three weight gradients, ‖got − ref‖ / ‖ref‖ (bf16 lands near 1e-3 to
+  1e-2; the limit is 2e-2);
+* **determinism** — two forward + backward passes give bitwise equal results (no atomics);
+* **no host synchronisation** — ``route``, ``permute_metadata`` and the forward of ``expert_ffn`` run under
+  ``torch.cuda.set_sync_debug_mode("error")``, which raises on any device→host wait;
+* every output element finite (the slot buffers are allocated uninitialised: an unwritten row would show).
+
+    python -m moe_lib.kernels.gpu_check              # on a CUDA machine; JSON with --out
+    python -m moe_lib.kernels.gpu_check --smoke      # tiny shapes; on a CPU in the interpreter (CI)
+
+Exit status 1 if any check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+# (name, d, f, E, k) — the benchmark's shapes (moe_lib.bench.shapes) and two tiny ones for --smoke
+SHAPES = [
+    ("mixtral-8x7b", 4096, 14336, 8, 2), ("qwen3-30b-a3b", 2048, 768, 128, 8),
+    ("deepseek-v3", 7168, 2048, 256, 8), ("olmoe-1b-7b", 2048, 1024, 64, 8),
+    ("gpt-oss-120b", 2880, 2880, 128, 4),
+]
+SMOKE_SHAPES = [("smoke-coarse", 32, 64, 4, 2), ("smoke-fine", 32, 16, 16, 4)]
+LIMIT = 2e-2
+
+
+def _rel(got, ref) -> float:
+    return float((got.double() - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+def check_shape(name, d, f, num_experts, top_k, num_tokens, dtype, device, seed=0, max_weight_gb=4.0) -> dict:
+    """One shape: accuracy, determinism, host syncs. Returns a flat dict (``ok`` says if all passed).
+
+    The float64 reference keeps a copy of the weights and their gradients, so a layer whose expert
+    weights exceed ``max_weight_gb`` (bf16) is checked with fewer experts, of the same ``d`` and ``f``
+    (recorded as ``E_checked``)."""
+    from . import expert_ffn, permute_metadata, route
+
+    per_expert = 3 * d * f * torch.tensor([], dtype=dtype).element_size()
+    num_experts = max(top_k, min(num_experts, int(max_weight_gb * 1e9 // per_expert)))
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(num_tokens, d, generator=g).to(device, dtype)
+    w_router = (torch.randn(num_experts, d, generator=g) / d**0.5).to(device, dtype)
+    ws = [(torch.randn(num_experts, d, f, generator=g) / d**0.5).to(device, dtype),
+          (torch.randn(num_experts, d, f, generator=g) / d**0.5).to(device, dtype),
+          (torch.randn(num_experts, f, d, generator=g) / f**0.5).to(device, dtype)]
+    gy = torch.randn(num_tokens, d, generator=g).to(device, dtype)
+    row = {"shape": name, "T": num_tokens, "d": d, "f": f, "E_checked": num_experts, "k": top_k, "dtype": str(dtype)}
+
+    def run(impl, inputs):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        xl, wl, *wsl = leaves
+        meta = permute_metadata(experts, num_experts, impl=impl)
+        y = expert_ffn(xl, wl, meta, *wsl, impl=impl)
+        y.backward(gy.to(y.dtype))
+        return [y.detach()] + [t.grad for t in leaves]
+
+    logits = x @ w_router.t()
+    sync = "n/a (no CUDA)"
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            weights, experts = route(logits, top_k)
+            meta = permute_metadata(experts, num_experts)
+            with torch.no_grad():
+                expert_ffn(x, weights, meta, *ws)
+            sync = "none"
+        except RuntimeError as err:
+            sync = f"SYNC: {str(err)[:200]}"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    weights, experts = route(logits, top_k)
+    row["host_syncs_forward"] = sync
+    inputs = [x, weights, *ws]
+    t0 = time.perf_counter()
+    got = run("triton", inputs)
+    again = run("triton", inputs)
+    row["seconds_two_runs"] = round(time.perf_counter() - t0, 3)
+    row["deterministic"] = all(torch.equal(a, b) for a, b in zip(got, again))
+    del again
+    ref = run("torch", [t.double() for t in inputs])  # float64 on the device, same rounded inputs
+    names = ["y", "dx", "dweights", "dw_gate", "dw_up", "dw_down"]
+    for n, a, r in zip(names, got, ref):
+        row[f"relerr_{n}"] = _rel(a.cpu(), r.cpu())
+    row["finite"] = all(bool(torch.isfinite(a).all()) for a in got)
+    row["ok"] = (row["finite"] and row["deterministic"] and sync in ("none", "n/a (no CUDA)")
+                 and all(row[f"relerr_{n}"] < LIMIT for n in names))
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Check moe_lib's Triton kernels on this device.")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (the CPU runs them in the interpreter)")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per shape (default 512; 48 with --smoke)")
+    parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.smoke:
+        parser.error("without CUDA only --smoke is possible (the kernels run in Triton's interpreter)")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    num_tokens = args.tokens or (48 if args.smoke else 512)
+    rows = []
+    for shape in shapes:
+        try:
+            rows.append(check_shape(*shape, num_tokens, dtype, device))
+        except Exception as err:  # report every shape
+            rows.append({"shape": shape[0], "ok": False, "error": f"{type(err).__name__}: {str(err)[:300]}"})
+        r = rows[-1]
+        errs = " ".join(f"{k[7:]}={v:.1e}" for k, v in r.items() if k.startswith("relerr_"))
+        print(f"{r['shape']:14} {'ok  ' if r['ok'] else 'FAIL'} {errs} deterministic={r.get('deterministic')} "
+              f"host_syncs={r.get('host_syncs_forward')} {r.get('error', '')}", flush=True)
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "dtype": str(dtype), "tokens": num_tokens, "limit": LIMIT}
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
