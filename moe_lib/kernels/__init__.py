@@ -258,7 +258,9 @@ def expert_ffn(x: Tensor, weights: Tensor, meta: Metadata, w_gate: Tensor, w_up:
     The triton path is two grouped GEMMs (gather fused into the first's loads, activation in its
     epilogue; routing weight in the second's epilogue, written to the assignment's slot) and a combine
     that sums the ``k`` slots in a fixed order. Its backward is Triton too: gradients w.r.t. ``x``,
-    ``weights`` and the three expert weights.
+    ``weights`` and the three expert weights. Accumulation is float32; on a GPU, float32 inputs go through
+    the tensor cores as TF32 (Triton's default for ``tl.dot``, relative error near 1e-3) — use bfloat16 or
+    float16 there, or ``impl="torch"`` for full float32.
 
     Args:
         x: ``[T, d_model]``.
