@@ -359,9 +359,9 @@ def test_kernels_compile_for_hopper(block_m):
     failed = [r for r in results if not r["ok"]]
     assert not failed, failed
     for r in results:
-        if r["kernel"] in ("up", "down", "dh", "wgrad"):
+        if r["kernel"] in ("up", "down", "dh", "wgrad", "wgrad:down"):
             assert r["mma"], r
-            assert r["wgmma"] or (block_m < 64 and r["kernel"] != "wgrad"), r
+            assert r["wgmma"] or (block_m < 64 and not r["kernel"].startswith("wgrad")), r
             assert r["async_copies"] > 0, r  # software-pipelined loads
         assert not r["local_memory"], r
         assert r["shared_bytes"] <= 227 * 1024, r  # H100/H200 per-block shared memory limit

@@ -30,7 +30,7 @@ DIVISIBLE = {"d", "f", "d_out", "n_out", "K1", "K2", "M", "stride_x", "stride_we
              "stride_src", "stride_y", "stride_l", "E"}
 #: Strides equal to 1 in the forward launch (Triton specialises an integer argument equal to 1 to a constant).
 UNIT_STRIDES = {"up": ("stride_wn",), "down": ("stride_b1n", "stride_b2n"), "dh": ("stride_wdd",),
-                "wgrad": ("stride_dwn",)}
+                "wgrad": ("stride_dwn",), "wgrad:down": ("stride_dwn",)}
 
 
 def _kernel_specs(block_m: int = 128) -> dict:
@@ -63,8 +63,10 @@ def _kernel_specs(block_m: int = 128) -> dict:
                  {"TWO_B": True, "SCALE": True, "BM": block_m, "GROUP": 8, **down_meta}, down_opts),
         "dh": ([BF16, BF16, BF16, F32P, BF16, F32P, I32P, I32P, I32P, I32P] + ["i32"] * 10,
                {"ACT": 0, "BM": block_m, "GROUP": 8, **dh_meta}, dh_opts),
-        "wgrad": ([BF16, BF16, BF16, F32P, I32P, I32P] + ["i32"] * 8,
-                  {"GATHER_A": True, "GATHER_B": False, "SCALE_A": True, **wg_meta}, wg_opts),
+        "wgrad": ([BF16, BF16, BF16, BF16, BF16, F32P, I32P, I32P] + ["i32"] * 8,
+                  {"GATHER_A": True, "GATHER_B": False, "SCALE_A": False, "TWO_B": True, **wg_meta}, wg_opts),
+        "wgrad:down": ([BF16, BF16, BF16, BF16, BF16, F32P, I32P, I32P] + ["i32"] * 8,
+                       {"GATHER_A": False, "GATHER_B": True, "SCALE_A": True, "TWO_B": False, **wg_meta}, wg_opts),
         "combine": ([BF16, BF16, "i32", "i32", "i32", "i32", "i32"], {"BT": 16, "BN": 128},
                     {"num_warps": 4, "num_stages": 1}),
     }
@@ -82,7 +84,7 @@ def compile_all(arch: int = 90, block_m: int = 128) -> list[dict]:
     kernels = {**tk.GEMM_KERNELS, **tk.OTHER_KERNELS}
     results = []
     for name, (types, constexprs, options) in _kernel_specs(block_m).items():
-        fn = kernels[name]
+        fn = kernels[name.split(":")[0]]  # "kernel:variant" compiles another constexpr setting
         names = [p.name for p in fn.params if not p.is_constexpr]
         signature = dict(zip(names, types))
         constexprs = dict(constexprs)
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         status = "ok" if r["ok"] else "FAILED " + r["error"]
         extra = (f"smem {r['shared_bytes'] / 1024:6.1f} KiB  wgmma {str(r['wgmma']):5}  local {r['local_memory']}"
                  if r["ok"] else "")
-        print(f"{r['kernel']:9} {r['arch']} BM={r['block_m']:<4} {extra}  {status}")
+        print(f"{r['kernel']:14} {r['arch']} BM={r['block_m']:<4} {extra}  {status}")
     return 0 if all(r["ok"] for r in results) else 1
 
 

@@ -213,17 +213,20 @@ def ffn_forward(x, weights_flat, w_gate, w_up, w_down, meta, act: str, save_gu: 
     return h, (gu if save_gu else None), _combine(out, meta.num_tokens, meta.top_k)
 
 
-def _wgrad(a: Tensor, b: Tensor, out: Tensor, weights_flat, meta, gather_a: bool, gather_b: bool, scale_a: bool):
+def _wgrad(a: Tensor, b: Tensor, out: Tensor, weights_flat, meta, gather_a: bool, gather_b: bool, scale_a: bool,
+           b2: Tensor | None = None, out2: Tensor | None = None):
+    """``out[e] = Σ (w·) A_rᵀ B_r`` per expert (and ``out2`` from ``b2`` with the same A tiles)."""
     m, n_out = out.shape[1], out.shape[2]
+    two = b2 is not None
     if config.autotuning():
         def grid(c):
             return (meta.num_experts, triton.cdiv(m, c["BM"]), triton.cdiv(n_out, c["BN"]))
     else:
         c = _meta("wgrad", 0)
         grid = (meta.num_experts, triton.cdiv(m, c["BM"]), triton.cdiv(n_out, c["BN"]))
-    _launch("wgrad", grid, a, b, out, weights_flat, meta.row_assignment, meta.offsets, meta.top_k, m, n_out,
-            a.stride(0), b.stride(0), out.stride(0), out.stride(1), out.stride(2),
-            GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a)
+    _launch("wgrad", grid, a, b, b2 if two else b, out, out2 if two else out, weights_flat, meta.row_assignment,
+            meta.offsets, meta.top_k, m, n_out, a.stride(0), b.stride(0), out.stride(0), out.stride(1),
+            out.stride(2), GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a, TWO_B=two)
     return out
 
 
@@ -256,15 +259,16 @@ def ffn_backward(dy, x, weights_flat, w_gate, w_up, w_down, h, gu, meta, act: st
                 w_up.stride(0), w_up.stride(2), w_up.stride(1), out.stride(0),
                 block_m=meta.block_m, TWO_B=True, SCALE=False)
         dx = _combine(out, meta.num_tokens, meta.top_k)
-    if needs[2]:
-        dwg = _wgrad(x, dgu, torch.empty_like(w_gate, memory_format=torch.contiguous_format), weights_flat, meta,
-                     True, False, False)
-    if needs[3]:
-        dwu = _wgrad(x, dgu[:, f:], torch.empty_like(w_up, memory_format=torch.contiguous_format), weights_flat,
-                     meta, True, False, False)
+    fresh = functools.partial(torch.empty_like, memory_format=torch.contiguous_format)
+    if needs[2] and needs[3]:  # one pass over the gathered x for both
+        dwg, dwu = fresh(w_gate), fresh(w_up)
+        _wgrad(x, dgu, dwg, weights_flat, meta, True, False, False, b2=dgu[:, f:], out2=dwu)
+    elif needs[2]:
+        dwg = _wgrad(x, dgu, fresh(w_gate), weights_flat, meta, True, False, False)
+    elif needs[3]:
+        dwu = _wgrad(x, dgu[:, f:], fresh(w_up), weights_flat, meta, True, False, False)
     if needs[4]:
-        dwd = _wgrad(h, dy, torch.empty_like(w_down, memory_format=torch.contiguous_format), weights_flat, meta,
-                     False, True, True)
+        dwd = _wgrad(h, dy, fresh(w_down), weights_flat, meta, False, True, True)
     return dx, dweights, dwg, dwu, dwd
 
 

@@ -12,8 +12,8 @@ Data path (one MoE FFN layer, ``T`` tokens, ``k`` choices, ``E`` experts, ``N = 
 
 Backward: ``_dh_kernel`` (dy gathered by token, ``G = dy W_dᵀ``, epilogue: the routing-weight gradient
 ``⟨G, h⟩`` and the gated activation's backward) → ``_down_kernel`` again for ``dX`` (two weight halves, no
-scale) → ``_combine_kernel``; ``_wgrad_kernel`` for ``dW_d``, ``dW_g``, ``dW_u`` (per expert, a reduction
-over that expert's rows). No kernel uses atomics, so every result is bitwise deterministic.
+scale) → ``_combine_kernel``; ``_wgrad_kernel`` for ``dW_d`` and, in one pass over the gathered x,
+``dW_g`` and ``dW_u`` (per expert, a reduction over that expert's rows). No kernel uses atomics, so every result is bitwise deterministic.
 
 Every address that involves a row index or an expert index is computed in 64-bit (:func:`_offset64`):
 ``T·d`` and ``E·d·f`` pass 2³¹ on real shapes (DeepSeek-V3: 256·7168·2048 ≈ 3.8·10⁹ weight elements).
@@ -382,14 +382,15 @@ def _dh_kernel(DY, WD, GU, Weights, DGU, DWPartial, RowAssignment, TileExpert, T
 
 
 @triton.jit
-def _wgrad_kernel(A, B, DW, Weights, RowAssignment, Offsets, top_k, M, n_out,
+def _wgrad_kernel(A, B, B2, DW, DW2, Weights, RowAssignment, Offsets, top_k, M, n_out,
                   stride_a, stride_b, stride_dwe, stride_dwm, stride_dwn,
-                  GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr,
+                  GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, TWO_B: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """``dW[e] = Σ_{rows r of e} (w_r ·) A_rᵀ B_r`` for one ``BM × BN`` block of expert ``e``'s weight.
 
     A row is a grouped row, or the token it came from (``GATHER``). The reduction runs over the expert's
-    rows, whose bounds come from ``Offsets`` on the device; an empty expert writes zeros."""
+    rows, whose bounds come from ``Offsets`` on the device; an empty expert writes zeros. ``TWO_B`` also
+    computes ``dW2[e] = Σ A_rᵀ B2_r`` from the same A tiles (``dW_g`` and ``dW_u`` share the gathered x)."""
     e = tl.program_id(0)
     r0 = tl.load(Offsets + e)
     r1 = tl.load(Offsets + e + 1)
@@ -398,6 +399,7 @@ def _wgrad_kernel(A, B, DW, Weights, RowAssignment, Offsets, top_k, M, n_out,
     mmask = rm < M
     nmask = rn < n_out
     acc = tl.zeros((BM, BN), tl.float32)
+    acc2 = tl.zeros((BM, BN), tl.float32)
     for k0 in range(r0, r1, BK):
         rk = k0 + tl.arange(0, BK)
         kmask = rk < r1
@@ -415,11 +417,16 @@ def _wgrad_kernel(A, B, DW, Weights, RowAssignment, Offsets, top_k, M, n_out,
         if SCALE_A:
             w = tl.load(Weights + assign, mask=kmask, other=0.0).to(tl.float32)
             at = (at.to(tl.float32) * w[None, :]).to(A.dtype.element_ty)
-        b = tl.load(B + _offset64(brow, stride_b)[:, None] + rn[None, :], mask=kmask[:, None] & nmask[None, :],
-                    other=0.0)
-        acc = tl.dot(at, b, acc)
-    out = DW + _offset64(e, stride_dwe) + _offset64(rm, stride_dwm)[:, None] + rn[None, :] * stride_dwn
-    tl.store(out, acc.to(DW.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+        b_off = _offset64(brow, stride_b)[:, None] + rn[None, :]
+        bmask = kmask[:, None] & nmask[None, :]
+        acc = tl.dot(at, tl.load(B + b_off, mask=bmask, other=0.0), acc)
+        if TWO_B:
+            acc2 = tl.dot(at, tl.load(B2 + b_off, mask=bmask, other=0.0), acc2)
+    out = _offset64(e, stride_dwe) + _offset64(rm, stride_dwm)[:, None] + rn[None, :] * stride_dwn
+    omask = mmask[:, None] & nmask[None, :]
+    tl.store(DW + out, acc.to(DW.dtype.element_ty), mask=omask)
+    if TWO_B:
+        tl.store(DW2 + out, acc2.to(DW2.dtype.element_ty), mask=omask)
 
 
 # ------------------------------------------------------------------------------------------- probes
