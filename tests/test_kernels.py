@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 import moe_lib  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
 from moe_lib import MoELayer
 from moe_lib import kernels as K
-from moe_lib.kernels import reference as R
 
 pytestmark = pytest.mark.skipif(not K.available(), reason="triton is not installed")
 
