@@ -172,6 +172,7 @@ FFN_CASES = [
     ("sparse", 40, 2, 8, 40, 24),       # six empty experts; d, f not multiples of the blocks
     ("one_takes_all", 33, 2, 8, 32, 32),
     ("random", 20, 4, 6, 16, 64),       # E not a power of two
+    ("random", 30, 1, 8, 32, 32),       # top-1: the down kernel writes y directly, no combine pass
 ]
 
 

@@ -167,6 +167,8 @@ def permute_metadata(experts: Tensor, num_experts: int, block_m: int, max_tiles:
 
 
 def _combine(src: Tensor, num_tokens: int, top_k: int) -> Tensor:
+    if top_k == 1:  # one slot per token: the slot buffer is already y, in token order
+        return src
     n_out = src.shape[1]
     y = torch.empty(num_tokens, n_out, dtype=src.dtype, device=src.device)
     bt, bn = (16, 32) if config.interpreting() else (16, 128)
