@@ -242,8 +242,19 @@ class MoELayer(nn.Module):
         out = self.experts.forward_padded(stacked).transpose(0, 1)
         return out.reshape(*x.shape[:-1], self.num_experts, self.d_out)
 
-    def active_flops_per_token(self) -> int:
-        """FLOPs one token costs: the gate plus ``k`` experts (matmuls only, 2 per multiply-add)."""
+    def active_flops_per_token(self, num_tokens: int | None = None) -> float:
+        """FLOPs one token costs: the gate plus ``k`` experts (matmuls only, 2 per multiply-add).
+
+        Soft MoE has no per-token expert count: its ``S = E·p`` slots are shared by the batch, so the cost
+        per token depends on ``num_tokens`` ``T`` (required there): the router's slot logits, dispatch and
+        combine matmuls, and ``S/T`` expert passes (Puigcerver et al. 2024)."""
+        if self.router.name == "soft":
+            if num_tokens is None:
+                raise ValueError("router='soft' shares its slots across the batch: pass num_tokens (T) to "
+                                 "active_flops_per_token")
+            num_tokens = check_int("num_tokens", num_tokens, minimum=1)
+            slots = self.num_experts * self.router.slots_per_expert
+            return self.router.flops_per_token() + slots / num_tokens * self.experts.flops_per_token()
         return self.router.flops_per_token() + self.top_k * self.experts.flops_per_token()
 
     def num_parameters(self) -> dict[str, int]:

@@ -128,6 +128,20 @@ def test_active_flops_match_flop_counter():
             assert count_flops(layer, x) == 20 * layer.active_flops_per_token()
 
 
+def test_soft_moe_flops_per_token_need_the_batch_size():
+    """Soft MoE shares E·p slots across the batch: the per-token cost depends on T, and matches the counter."""
+    from moe_lib import count_flops
+
+    torch.manual_seed(0)
+    layer = MoELayer(8, 12, 4, None, router="soft", expert="swiglu", backend="loop",
+                     router_options={"slots_per_expert": 2})
+    with pytest.raises(ValueError, match="num_tokens"):
+        layer.active_flops_per_token()
+    for num_tokens in (5, 20):
+        x = torch.randn(num_tokens, 8)
+        assert count_flops(layer, x) == pytest.approx(num_tokens * layer.active_flops_per_token(num_tokens))
+
+
 def test_parameter_count():
     layer = MoELayer(8, 16, 4, 2, expert="swiglu")
     counts = layer.num_parameters()
