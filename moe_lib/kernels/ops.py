@@ -196,28 +196,48 @@ def _grid(meta, width: int, kind: str):
     return grid if config.autotuning() else (meta.max_tiles * triton.cdiv(width, _meta(kind, bm)["BN"]),)
 
 
-def ffn_forward(x, weights_flat, w_gate, w_up, w_down, meta, act: str, save_gu: bool):
-    """``h = act(x W_g) ⊙ x W_u`` per grouped row, ``out = w · h W_d`` per assignment slot, ``y = Σ_j out``."""
+def up(x, w_gate, w_up, meta, act: str, save_gu: bool) -> tuple[Tensor, Tensor | None]:
+    """``_up_kernel``: ``h [N, f]`` in grouped order (and the pre-activations ``[g | u] [N, 2f]`` when
+    ``save_gu``). Reference: :func:`~moe_lib.kernels.reference.up_ref`."""
     n = meta.num_assignments
     d, f = w_gate.shape[1], w_gate.shape[2]
-    d_out = w_down.shape[2]
     h = torch.empty(n, f, dtype=x.dtype, device=x.device)
     gu = torch.empty(n, 2 * f, dtype=x.dtype, device=x.device) if save_gu else h
     _launch("up", _grid(meta, f, "up"),
             x, w_gate, w_up, h, gu, meta.row_assignment, meta.tile_expert, meta.tile_row, meta.offsets,
             meta.top_k, d, f, x.stride(0), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2),
             h.stride(0), gu.stride(0), block_m=meta.block_m, ACT=ACT_CODES[act], SAVE_GU=save_gu)
-    out = _slot_buffer(meta, d_out, x)
+    return h, (gu if save_gu else None)
+
+
+def down(h, w_down, weights_flat, meta) -> Tensor:
+    """``_down_kernel`` (forward): ``out [T·k, d_out]``, row ``a`` = ``w_a · h_r W_d[e]``.
+    Reference: :func:`~moe_lib.kernels.reference.down_ref`."""
+    f, d_out = w_down.shape[1], w_down.shape[2]
+    out = _slot_buffer(meta, d_out, h)
     _launch("down", _grid(meta, d_out, "down"),
             h, w_down, w_down, out, weights_flat, meta.row_assignment, meta.tile_expert, meta.tile_row,
             meta.offsets, f, 0, d_out, h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2),
             0, 0, 0, out.stride(0), block_m=meta.block_m, TWO_B=False, SCALE=True)
-    return h, (gu if save_gu else None), _combine(out, meta.num_tokens, meta.top_k)
+    return out
 
 
-def _wgrad(a: Tensor, b: Tensor, out: Tensor, weights_flat, meta, gather_a: bool, gather_b: bool, scale_a: bool,
-           b2: Tensor | None = None, out2: Tensor | None = None):
-    """``out[e] = Σ (w·) A_rᵀ B_r`` per expert (and ``out2`` from ``b2`` with the same A tiles)."""
+def combine(out: Tensor, meta) -> Tensor:
+    """``_combine_kernel``: ``y[t] = Σ_j out[t·k + j]``. Reference: :func:`~moe_lib.kernels.reference.combine_ref`."""
+    return _combine(out, meta.num_tokens, meta.top_k)
+
+
+def ffn_forward(x, weights_flat, w_gate, w_up, w_down, meta, act: str, save_gu: bool):
+    """``h = act(x W_g) ⊙ x W_u`` per grouped row, ``out = w · h W_d`` per assignment slot, ``y = Σ_j out``."""
+    h, gu = up(x, w_gate, w_up, meta, act, save_gu)
+    return h, gu, combine(down(h, w_down, weights_flat, meta), meta)
+
+
+def wgrad(a: Tensor, b: Tensor, out: Tensor, weights_flat, meta, gather_a: bool, gather_b: bool, scale_a: bool,
+          b2: Tensor | None = None, out2: Tensor | None = None):
+    """``_wgrad_kernel``: ``out[e] = Σ_{rows r of e} (w·) A_rᵀ B_r`` (and ``out2`` from ``b2`` with the same A
+    tiles); rows of A/B are grouped rows or, with ``gather_*``, their tokens.
+    Reference: :func:`~moe_lib.kernels.reference.wgrad_ref`."""
     m, n_out = out.shape[1], out.shape[2]
     two = b2 is not None
     if config.autotuning():
@@ -232,45 +252,59 @@ def _wgrad(a: Tensor, b: Tensor, out: Tensor, weights_flat, meta, gather_a: bool
     return out
 
 
-def ffn_backward(dy, x, weights_flat, w_gate, w_up, w_down, h, gu, meta, act: str, needs):
-    """Gradients of :func:`ffn_forward` w.r.t. ``(x, weights_flat, w_gate, w_up, w_down)`` (``None`` where
-    ``needs`` is false)."""
+def dh(dy, gu, w_down, weights_flat, meta, act: str) -> tuple[Tensor, Tensor]:
+    """``_dh_kernel``: ``[dg | du] [N, 2f]`` and the routing-weight gradient per grouped row ``[N]`` (its
+    per-block partial sums added in a fixed order). Reference: :func:`~moe_lib.kernels.reference.dh_ref`."""
     n = meta.num_assignments
-    d, f = w_gate.shape[1], w_gate.shape[2]
-    d_out = w_down.shape[2]
-    dy = dy.contiguous()
-    dgu = torch.empty(n, 2 * f, dtype=x.dtype, device=x.device)
+    f, d_out = w_down.shape[1], w_down.shape[2]
+    dgu = torch.empty(n, 2 * f, dtype=gu.dtype, device=gu.device)
     # one partial sum per hidden block; the autotuner may pick any candidate BN, so size for the narrowest
     candidates = config.autotune_configs("dh") if config.autotuning() else [_meta("dh", meta.block_m)]
     n_fblocks = triton.cdiv(f, min(c["BN"] for c in candidates))
-    dw_partial = torch.zeros(n, n_fblocks, dtype=torch.float32, device=x.device)
+    dw_partial = torch.zeros(n, n_fblocks, dtype=torch.float32, device=gu.device)
     _launch("dh", _grid(meta, f, "dh"),
             dy, w_down, gu, weights_flat, dgu, dw_partial, meta.row_assignment, meta.tile_expert, meta.tile_row,
             meta.offsets, meta.top_k, d_out, f, dy.stride(0), w_down.stride(0), w_down.stride(1),
             w_down.stride(2), gu.stride(0), dgu.stride(0), dw_partial.stride(0),
             block_m=meta.block_m, ACT=ACT_CODES[act])
+    return dgu, dw_partial.sum(1)
+
+
+def dx_slots(dgu, w_gate, w_up, meta) -> Tensor:
+    """``_down_kernel`` (backward): ``[dg | du] [W_gᵀ ; W_uᵀ]`` per assignment slot ``[T·k, d]``, the weights
+    read transposed through their strides."""
+    d, f = w_gate.shape[1], w_gate.shape[2]
+    out = _slot_buffer(meta, d, dgu)
+    _launch("down", _grid(meta, d, "down"),
+            dgu, w_gate, w_up, out, dgu, meta.row_assignment, meta.tile_expert, meta.tile_row,
+            meta.offsets, f, f, d, dgu.stride(0), w_gate.stride(0), w_gate.stride(2), w_gate.stride(1),
+            w_up.stride(0), w_up.stride(2), w_up.stride(1), out.stride(0),
+            block_m=meta.block_m, TWO_B=True, SCALE=False)
+    return out
+
+
+def ffn_backward(dy, x, weights_flat, w_gate, w_up, w_down, h, gu, meta, act: str, needs):
+    """Gradients of :func:`ffn_forward` w.r.t. ``(x, weights_flat, w_gate, w_up, w_down)`` (``None`` where
+    ``needs`` is false)."""
+    f = w_gate.shape[2]
+    dy = dy.contiguous()
+    dgu, dw_row = dh(dy, gu, w_down, weights_flat, meta, act)
     dx = dweights = dwg = dwu = dwd = None
     if needs[1]:
         dweights = torch.zeros(meta.num_tokens * meta.top_k, dtype=torch.float32, device=x.device)
-        dweights[meta.row_assignment.long()] = dw_partial.sum(1)
+        dweights[meta.row_assignment.long()] = dw_row
     if needs[0]:
-        out = _slot_buffer(meta, d, x)
-        _launch("down", _grid(meta, d, "down"),
-                dgu, w_gate, w_up, out, weights_flat, meta.row_assignment, meta.tile_expert, meta.tile_row,
-                meta.offsets, f, f, d, dgu.stride(0), w_gate.stride(0), w_gate.stride(2), w_gate.stride(1),
-                w_up.stride(0), w_up.stride(2), w_up.stride(1), out.stride(0),
-                block_m=meta.block_m, TWO_B=True, SCALE=False)
-        dx = _combine(out, meta.num_tokens, meta.top_k)
+        dx = combine(dx_slots(dgu, w_gate, w_up, meta), meta)
     fresh = functools.partial(torch.empty_like, memory_format=torch.contiguous_format)
     if needs[2] and needs[3]:  # one pass over the gathered x for both
         dwg, dwu = fresh(w_gate), fresh(w_up)
-        _wgrad(x, dgu, dwg, weights_flat, meta, True, False, False, b2=dgu[:, f:], out2=dwu)
+        wgrad(x, dgu, dwg, weights_flat, meta, True, False, False, b2=dgu[:, f:], out2=dwu)
     elif needs[2]:
-        dwg = _wgrad(x, dgu, fresh(w_gate), weights_flat, meta, True, False, False)
+        dwg = wgrad(x, dgu, fresh(w_gate), weights_flat, meta, True, False, False)
     elif needs[3]:
-        dwu = _wgrad(x, dgu[:, f:], fresh(w_up), weights_flat, meta, True, False, False)
+        dwu = wgrad(x, dgu[:, f:], fresh(w_up), weights_flat, meta, True, False, False)
     if needs[4]:
-        dwd = _wgrad(h, dy, fresh(w_down), weights_flat, meta, False, True, True)
+        dwd = wgrad(h, dy, fresh(w_down), weights_flat, meta, False, True, True)
     return dx, dweights, dwg, dwu, dwd
 
 
