@@ -9,6 +9,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``‖out − ref‖ / ‖ref‖`` in float64 (``‖out − ref‖`` when the reference is zero; NaN anywhere gives NaN):
+    how the library's equivalence checks (Hugging Face interop, the benchmark, the kernels' GPU check)
+    compare an implementation with its reference."""
+    ref64, out64 = ref.double(), out.double()
+    denom = ref64.norm()
+    diff = (out64 - ref64).norm()
+    return float(diff / denom) if denom > 0 else float(diff)
+
+
 def seed_everything(seed: int = 0, threads: int | None = None) -> torch.Generator:
     """Seed Python, NumPy and torch; optionally fix torch's CPU threads. Returns a seeded generator.
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..utils import relative_error
 from .shapes import MODES, PHASES, ROUTINGS, Shape
 
 SCHEMA = "moe_lib.bench/1"
@@ -236,13 +237,6 @@ def reference(x: Tensor, w: Tensor, idx: Tensor, w_gate: Tensor, w_up: Tensor, w
     if grad_out is not None:
         out.update(dx=dx, dw=dw)
     return out
-
-
-def relative_error(out: Tensor, ref: Tensor) -> float:
-    """``‖out − ref‖ / ‖ref‖`` in fp64 (``‖out − ref‖`` when the reference is zero); NaN anywhere gives NaN."""
-    diff = (out.double() - ref.double()).norm().item()
-    scale = ref.double().norm().item()
-    return diff / scale if scale > 0 else diff
 
 
 def grad_error(grads: tuple[Tensor, Tensor, Tensor], ref: dict) -> float:
@@ -690,8 +684,10 @@ def _zero_grads(tensors):
         t.grad = None
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _triton_interpreting() -> bool:
+    from ..kernels.config import interpreting  # lazily: moe_lib.kernels imports triton
+
+    return interpreting()
 
 
 def check(runner: Runner, p: Problem, ref: dict, res: dict) -> None:
@@ -755,7 +751,7 @@ def run_impl(impl: Impl, p: Problem, ref: dict, opts: dict, ceilings: dict | Non
         stage = "check"  # correctness first, on the fresh inputs
         if impl.family != "baseline":
             check(runner, p, ref, res)
-        if device.type != "cuda" and impl.uses_triton and _interpreting():
+        if device.type != "cuda" and impl.uses_triton and _triton_interpreting():
             res["skipped"] = "not timed: Triton kernels run in the interpreter on the CPU (correctness only)"
             return res
         stage = "time"

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..grouping import tile_stats
 from ..serving import expected_experts_touched
 from .shapes import Shape
 
@@ -96,9 +97,10 @@ def rows_per_expert(shape: Shape, T):
 def tile_efficiency(counts: Sequence[int], block_m: int = 128) -> float:
     """Useful rows over computed rows when each expert's rows are cut into tiles of ``block_m``:
     ``Σ c / Σ ceil(c / block_m)·block_m`` (1.0 when every count is a multiple of the tile)."""
-    counts = [int(c) for c in counts]
-    padded = sum(math.ceil(c / block_m) * block_m for c in counts)
-    return sum(counts) / padded if padded else 1.0
+    if len(counts) == 0:
+        return 1.0
+    stats = tile_stats(counts, block_m)
+    return stats["real_rows"] / stats["tile_rows"] if stats["tile_rows"] else 1.0
 
 
 def wave_efficiency(num_tiles: int, num_sms: int = 132) -> float:
@@ -134,7 +136,7 @@ def grouped_gemm_model(shape: Shape, T: int, peak_tflops: float, bandwidth_TBps:
     """
     counts = uniform_counts(shape, T, seed)
     row_eff = tile_efficiency(counts, block_m)
-    row_tiles = sum(math.ceil(c / block_m) for c in counts)
+    row_tiles = tile_stats(counts, block_m)["tiles"]
     gemm_ms = float(moe_flops(shape, T)) / (peak_tflops * 1e9)
     parts = {}
     for name, n, share in (("up", 2 * shape.f, 2 / 3), ("down", shape.d, 1 / 3)):

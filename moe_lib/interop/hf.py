@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from ..experts import ACTIVATIONS, GLUExperts, MLPExperts, SwiGLUExperts
 from ..layer import MoEInfo, MoELayer
+from ..utils import relative_error
 
 #: Hugging Face block class name -> family key of :data:`FAMILIES`.
 SUPPORTED_BLOCKS: dict[str, str] = {
@@ -417,14 +418,6 @@ def hf_routing(block: nn.Module, hidden_states: Tensor) -> dict[str, Tensor]:
     experts, order = experts.sort(dim=-1)
     return {"logits": logits, "experts": experts, "weights": weights.gather(1, order),
             "kept": torch.ones_like(experts, dtype=torch.bool)}
-
-
-def relative_error(out: Tensor, ref: Tensor) -> float:
-    """``‖out − ref‖ / ‖ref‖`` in float64 (0 when both are zero)."""
-    ref64, out64 = ref.double(), out.double()
-    denom = ref64.norm()
-    diff = (out64 - ref64).norm()
-    return float(diff / denom) if denom > 0 else float(diff)
 
 
 @torch.no_grad()

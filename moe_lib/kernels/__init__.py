@@ -87,7 +87,7 @@ class Metadata:
         tile_expert: ``[max_tiles]`` int32, the expert of each tile slot, ``-1`` for an unused slot.
         tile_row: ``[max_tiles]`` int32, the first grouped row of each tile.
         block_m: rows per tile.
-        num_tokens, top_k, num_experts: ``T``, ``k``, ``E``.
+        num_tokens, top_k: ``T`` and ``k`` (``E`` is :attr:`num_experts`, the length of ``counts``).
         complete: every one of the ``T·k`` assignments has a row (dropless); ``False`` when a capacity limit
             dropped some (their slots then contribute zero).
     """
@@ -100,8 +100,12 @@ class Metadata:
     block_m: int
     num_tokens: int
     top_k: int
-    num_experts: int
     complete: bool = True
+
+    @property
+    def num_experts(self) -> int:
+        """``E``."""
+        return self.counts.shape[0]
 
     @property
     def num_assignments(self) -> int:
@@ -203,7 +207,7 @@ def permute_metadata(experts: Tensor, num_experts: int, block_m: int | None = No
             raise ValueError(f"the triton metadata kernels support at most {MAX_EXPERTS} experts, got "
                              f"num_experts={num_experts}; use impl='torch'")
         parts = _ops.permute_metadata(experts, num_experts, block_m, max_tiles)
-    return Metadata(*parts, block_m=block_m, num_tokens=num_tokens, top_k=top_k, num_experts=num_experts)
+    return Metadata(*parts, block_m=block_m, num_tokens=num_tokens, top_k=top_k)
 
 
 def metadata_from_plan(plan, block_m: int | None = None, impl: str = "triton") -> Metadata:
@@ -223,7 +227,7 @@ def metadata_from_plan(plan, block_m: int | None = None, impl: str = "triton") -
     else:
         offsets, tile_expert, tile_row = _ops.schedule(counts, block_m, max_tiles)
     return Metadata(counts, offsets, row_assignment, tile_expert, tile_row, block_m, num_tokens, top_k,
-                    num_experts, complete=n == num_tokens * top_k)
+                    complete=n == num_tokens * top_k)
 
 
 def _check_ffn_args(x, weights, meta, w_gate, w_up, w_down, activation):
@@ -273,10 +277,8 @@ def expert_ffn(x: Tensor, weights: Tensor, meta: Metadata, w_gate: Tensor, w_up:
     impl = _check_impl(impl)
     activation = _check_ffn_args(x, weights, meta, w_gate, w_up, w_down, activation)
     if impl == "torch":
-        h, _ = reference.up_ref(x, meta.row_assignment, meta.offsets, meta.top_k, w_gate, w_up, activation)
-        out = reference.down_ref(h, meta.row_assignment, meta.offsets, w_down, weights.reshape(-1),
-                                 meta.num_tokens * meta.top_k)
-        return reference.combine_ref(out, meta.num_tokens, meta.top_k)
+        return reference.expert_ffn_ref(x, weights, meta.row_assignment, meta.offsets, w_gate, w_up, w_down,
+                                        activation)
     if meta.num_tokens == 0:
         return x.new_zeros(0, w_down.shape[2])
     x = x.contiguous()

@@ -25,18 +25,10 @@ import time
 
 import torch
 
-# (name, d, f, E, k) — the benchmark's shapes (moe_lib.bench.shapes) and two tiny ones for --smoke
-SHAPES = [
-    ("mixtral-8x7b", 4096, 14336, 8, 2), ("qwen3-30b-a3b", 2048, 768, 128, 8),
-    ("deepseek-v3", 7168, 2048, 256, 8), ("olmoe-1b-7b", 2048, 1024, 64, 8),
-    ("gpt-oss-120b", 2880, 2880, 128, 4),
-]
-SMOKE_SHAPES = [("smoke-coarse", 32, 64, 4, 2), ("smoke-fine", 32, 16, 16, 4)]
+from ..bench.shapes import SHAPES, SMOKE_SHAPES
+from ..utils import relative_error
+
 LIMIT = 2e-2
-
-
-def _rel(got, ref) -> float:
-    return float((got.double() - ref).norm() / ref.norm().clamp(min=1e-30))
 
 
 def check_shape(name, d, f, num_experts, top_k, num_tokens, dtype, device, seed=0, max_weight_gb=4.0) -> dict:
@@ -94,7 +86,7 @@ def check_shape(name, d, f, num_experts, top_k, num_tokens, dtype, device, seed=
     ref = run("torch", [t.double() for t in inputs])  # float64 on the device, same rounded inputs
     names = ["y", "dx", "dweights", "dw_gate", "dw_up", "dw_down"]
     for n, a, r in zip(names, got, ref):
-        row[f"relerr_{n}"] = _rel(a.cpu(), r.cpu())
+        row[f"relerr_{n}"] = relative_error(a.cpu(), r.cpu())
     row["finite"] = all(bool(torch.isfinite(a).all()) for a in got)
     row["ok"] = (row["finite"] and row["deterministic"] and sync in ("none", "n/a (no CUDA)")
                  and all(row[f"relerr_{n}"] < LIMIT for n in names))
@@ -111,14 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and not args.smoke:
         parser.error("without CUDA only --smoke is possible (the kernels run in Triton's interpreter)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    shapes = (SMOKE_SHAPES if args.smoke else SHAPES).values()
     num_tokens = args.tokens or (48 if args.smoke else 512)
     rows = []
     for shape in shapes:
         try:
-            rows.append(check_shape(*shape, num_tokens, dtype, device))
+            rows.append(check_shape(shape.name, shape.d, shape.f, shape.E, shape.k, num_tokens, dtype, device))
         except Exception as err:  # report every shape
-            rows.append({"shape": shape[0], "ok": False, "error": f"{type(err).__name__}: {str(err)[:300]}"})
+            rows.append({"shape": shape.name, "ok": False, "error": f"{type(err).__name__}: {str(err)[:300]}"})
         r = rows[-1]
         errs = " ".join(f"{k[7:]}={v:.1e}" for k, v in r.items() if k.startswith("relerr_"))
         print(f"{r['shape']:14} {'ok  ' if r['ok'] else 'FAIL'} {errs} deterministic={r.get('deterministic')} "

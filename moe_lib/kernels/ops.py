@@ -188,12 +188,11 @@ def _slot_buffer(meta, width: int, like: Tensor) -> Tensor:
 
 
 def _grid(meta, width: int, kind: str):
-    bm = meta.block_m
-
+    """One program per (tile slot, column block); a function of the autotuner's ``BN`` when it chooses."""
     def grid(m):
         return (meta.max_tiles * triton.cdiv(width, m["BN"]),)
 
-    return grid if config.autotuning() else (meta.max_tiles * triton.cdiv(width, _meta(kind, bm)["BN"]),)
+    return grid if config.autotuning() else grid(_meta(kind, meta.block_m))
 
 
 def up(x, w_gate, w_up, meta, act: str, save_gu: bool) -> tuple[Tensor, Tensor | None]:
