@@ -9,13 +9,12 @@ The path of one MoE FFN layer, as kernels::
     fused_moe        all three, from x and the router weight
 
 Every function takes ``impl="triton"`` (the kernels) or ``impl="torch"`` (:mod:`.reference`, plain PyTorch
-with the same results). On a machine without CUDA, importing this package sets ``TRITON_INTERPRET=1``
-(unless already set) so the kernels run in Triton's interpreter on the CPU: exact enough to test, far too
+with the same results). On a machine without CUDA, ``import moe_lib`` (which always runs before this
+package) sets ``TRITON_INTERPRET=1`` unless already set, so the kernels run in Triton's interpreter on the CPU: exact enough to test, far too
 slow to time. ``MoELayer(..., backend="triton")`` runs its experts through :func:`expert_ffn`.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +24,6 @@ from .._validate import check_bool, check_choice, check_int
 from ..grouping import max_tiles
 from . import reference
 from .config import BLOCK_M_CHOICES, block_m_for, interpreting
-
-if not torch.cuda.is_available():  # must happen before triton.jit decorates the kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:
     import triton  # noqa: F401
