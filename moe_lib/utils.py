@@ -1,8 +1,10 @@
-"""Small helpers shared by notebooks and tests: seeding and counted FLOPs."""
+"""Small helpers shared by notebooks and tests: seeding, counted FLOPs, and rankings that follow the
+printed digits."""
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Hashable, Mapping
 
 import numpy as np
 import torch
@@ -31,6 +33,26 @@ def seed_everything(seed: int = 0, threads: int | None = None) -> torch.Generato
     if threads is not None:
         torch.set_num_threads(threads)
     return torch.Generator().manual_seed(seed)
+
+
+def rank_by(scores: Mapping[Hashable, float], decimals: int, descending: bool = False) -> list:
+    """The keys of ``scores`` ordered by their score rounded to ``decimals``, the digits a table prints;
+    equal rounded scores keep the order of ``scores`` (a documented tie-break, not a coin flip).
+
+    A choice made on full-precision floats ("the best restart", "the best method") flips on a near tie
+    when a last bit changes (another CPU, another library version) even though every printed number
+    stays the same. Ranked on the printed digits, the choice changes only when a printed number does.
+    ``scores`` is any mapping with ``.items()``, e.g. a dict or a pandas Series; ``scores[0]`` is the lowest
+    (``descending=True``: the highest).
+
+    >>> rank_by({"a": 0.30004, "b": 0.29996, "c": 0.1}, decimals=3)
+    ['c', 'a', 'b']
+    """
+    if not isinstance(decimals, int) or isinstance(decimals, bool):
+        raise TypeError(f"decimals must be an int (digits after the point), got {decimals!r}")
+    sign = -1.0 if descending else 1.0
+    rounded = {key: sign * round(float(value), decimals) for key, value in scores.items()}
+    return sorted(rounded, key=rounded.__getitem__)
 
 
 def count_flops(module: torch.nn.Module, *inputs, **kwargs) -> int:

@@ -1,0 +1,114 @@
+"""moe_lib.reproducibility: the profile, the contract and the moe-book kernel spec."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from moe_lib import reproducibility as repro
+
+AVX2_FLAGS = {"sse2", "avx", "avx2", "fma"}
+
+
+def test_profile_pins_every_library_on_x86():
+    env = repro.profile_env("x86_64")
+    assert env["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert env["MKL_CBWR"] == "COMPATIBLE"  # the vendor-independent branch, not AVX2 (Intel only)
+    assert env["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert env["OPENBLAS_CORETYPE"] == "Haswell"
+    for threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        assert env[threads] == "1"
+    assert env["MKL_DYNAMIC"] == env["OMP_DYNAMIC"] == "FALSE"
+    assert env["PYTHONHASHSEED"] == "0"
+    disabled = env["NPY_DISABLE_CPU_FEATURES"].split()
+    assert disabled and all(f == "X86_V4" or f.startswith("AVX512") for f in disabled)
+
+
+def test_profile_names_no_x86_instruction_set_elsewhere():
+    env = repro.profile_env("aarch64")
+    assert env["OMP_NUM_THREADS"] == "1" and env["PYTHONHASHSEED"] == "0"
+    for x86_only in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "NPY_DISABLE_CPU_FEATURES",
+                     "OPENBLAS_CORETYPE"):
+        assert x86_only not in env
+
+
+@pytest.mark.parametrize(
+    "system, machine, flags, mkl, holds, says",
+    [
+        ("Linux", "x86_64", AVX2_FLAGS, True, True, "AVX2"),
+        ("Linux", "x86_64", AVX2_FLAGS | {"avx512f"}, True, True, "AVX2"),
+        ("Darwin", "x86_64", AVX2_FLAGS, True, False, "Darwin"),
+        ("Linux", "aarch64", set(), False, False, "aarch64"),
+        ("Linux", "x86_64", {"sse2", "avx"}, True, False, "avx2, fma"),
+        ("Linux", "x86_64", AVX2_FLAGS - {"fma"}, True, False, "fma"),
+        ("Linux", "x86_64", AVX2_FLAGS, False, False, "MKL"),
+    ],
+)
+def test_contract(system, machine, flags, mkl, holds, says):
+    verdict = repro.contract(system=system, machine=machine, cpu_flags=flags, mkl=mkl)
+    assert bool(verdict) is holds
+    assert says in verdict.reason
+
+
+def test_install_kernel_writes_the_profile(tmp_path):
+    folder = repro.install_kernel(tmp_path)
+    assert folder == repro.kernel_dir(tmp_path)
+    spec = json.loads((folder / "kernel.json").read_text())
+    assert spec["env"] == repro.profile_env()
+    assert spec["argv"][0] == sys.executable
+    assert spec["display_name"] == repro.KERNEL_DISPLAY_NAME
+
+
+def test_mismatches_name_what_is_off(monkeypatch):
+    monkeypatch.setenv("MKL_CBWR", "AUTO")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    off = repro.profile_mismatches()
+    assert off["MKL_CBWR"] == ("COMPATIBLE", "AUTO")
+    assert off["OPENBLAS_NUM_THREADS"] == ("1", "<unset>")
+
+
+def test_cli_contract_exit_status(capsys):
+    status = repro.main(["contract"])
+    out = capsys.readouterr().out
+    assert status == (0 if repro.contract() else 1)
+    assert ("inside" if status == 0 else "outside") in out
+
+
+def test_cli_env_prints_exports(capsys):
+    assert repro.main(["env"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"export {k}='{v}'" for k, v in repro.profile_env().items()]
+
+
+# --- rank_by: choices that follow the printed digits -------------------------------------------------
+
+
+def test_rank_by_breaks_printed_ties_by_the_given_order():
+    from moe_lib.utils import rank_by
+
+    # 0.30004 and 0.29996 both print as 0.300: the first listed wins, whatever their last bits.
+    assert rank_by({"a": 0.30004, "b": 0.29996, "c": 0.5}, decimals=3) == ["a", "b", "c"]
+    assert rank_by({"b": 0.29996, "a": 0.30004, "c": 0.5}, decimals=3) == ["b", "a", "c"]
+    # Printed differently: ranked by value.
+    assert rank_by({"a": 0.3006, "b": 0.2994}, decimals=3) == ["b", "a"]
+
+
+def test_rank_by_a_last_bit_does_not_change_the_choice():
+    import numpy as np
+
+    from moe_lib.utils import rank_by
+
+    base = {"switch": 2.46251, "top-2": 2.46249, "dense": 2.4255}
+    nudged = {k: float(np.nextafter(v, np.inf if k == "top-2" else -np.inf)) for k, v in base.items()}
+    assert rank_by(base, 4, descending=True) == rank_by(nudged, 4, descending=True)
+
+
+def test_rank_by_descending_and_series():
+    import pandas as pd
+
+    from moe_lib.utils import rank_by
+
+    assert rank_by(pd.Series({"x": 1.0, "y": 3.0, "z": 2.0}), 2, descending=True) == ["y", "z", "x"]
+    with pytest.raises(TypeError, match="decimals"):
+        rank_by({"x": 1.0}, decimals=2.5)
