@@ -4,8 +4,9 @@
 The book is built from the outputs stored in the notebooks, and ``make test`` (nbval) compares a fresh
 run against them, so authors run this after changing a notebook or ``moe_lib``. Each notebook runs
 top to bottom with nbclient in its own folder (the working directory is the notebook's folder), on the
-``python3`` kernel of the environment running this script (the repository's ``.venv``), with a
-timeout of 300 s per cell. Cell metadata (tags such as ``parameters`` or ``nbval-ignore-output``) is
+``moe-book`` kernel (the reproducible CPU profile of ``moe_lib/reproducibility.py``, installed into
+``.venv`` by ``make install``; the notebook's kernelspec metadata is set to it), with a timeout of 300 s
+per cell. Cell metadata (tags such as ``parameters`` or ``nbval-ignore-output``) is
 kept. A notebook whose execution fails is left untouched on disk and the script exits non-zero.
 
 Usage::
@@ -29,16 +30,19 @@ import nbformat  # noqa: E402
 from nbclient import NotebookClient  # noqa: E402
 from nbclient.exceptions import CellExecutionError  # noqa: E402
 
+from moe_lib.reproducibility import KERNEL_DISPLAY_NAME, KERNEL_NAME  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toc_notebooks import TocError, toc_notebooks  # noqa: E402
 
 TIMEOUT_S = 300
-KERNEL = "python3"
+KERNEL = KERNEL_NAME
 
 
 def execute_in_place(path: Path, timeout: int = TIMEOUT_S, kernel_name: str = KERNEL) -> float:
     """Execute the notebook at ``path`` and overwrite it with the outputs; return the wall time in s."""
     nb = nbformat.read(path, as_version=4)
+    nb.metadata["kernelspec"] = {"name": kernel_name, "display_name": KERNEL_DISPLAY_NAME, "language": "python"}
     client = NotebookClient(
         nb,
         timeout=timeout,

@@ -18,6 +18,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from moe_lib.reproducibility import KERNEL_NAME
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from toc_notebooks import toc_notebooks  # noqa: E402
@@ -30,7 +32,7 @@ os.environ.setdefault("JUPYTER_PREFER_ENV_PATH", "1")
 NOTEBOOKS = toc_notebooks()
 CHAPTER_1 = ROOT / "notebooks" / "01_what_is_moe.ipynb"
 REQUIRED_PARAMETERS = ("quick", "device", "seed")
-KERNEL = "python3"
+KERNEL = KERNEL_NAME  # the reproducible CPU profile (moe_lib.reproducibility), as every other executor
 TIMEOUT_S = 300
 
 
@@ -52,6 +54,14 @@ def test_exactly_one_parameters_cell(path):
     cells = _tagged(nb, "parameters")
     assert len(cells) == 1, f"{path.name}: {len(cells)} code cells tagged `parameters`, expected exactly 1"
     assert not _tagged(nb, "injected-parameters"), f"{path.name}: committed with a papermill-injected cell"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_runs_in_the_reproducible_kernel(path):
+    # Jupyter (a reader's JupyterLab, myst-nb) starts the kernel a notebook names: it must be the profile's.
+    nb = nbformat.read(path, as_version=4)
+    name = nb.metadata.get("kernelspec", {}).get("name")
+    assert name == KERNEL_NAME, f"{path.name}: kernelspec {name!r}, expected {KERNEL_NAME!r} (run `make notebooks`)"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
