@@ -349,10 +349,10 @@ def test_bad_token_ids():
 
 
 def test_future_influence_metric():
-    from moe_lib.metrics import future_influence
+    from moe_lib.metrics import CAUSAL_ATOL, future_influence
 
     torch.manual_seed(0)
     x = torch.randn(16, 5)
-    assert future_influence(make_layer("topk", 4, 2), x) == 0.0
-    assert future_influence(make_layer("soft", 4), x) > 0.0
-    assert future_influence(make_layer("expert_choice", 4, 1), x, trials=20) > 0.0
+    assert future_influence(make_layer("topk", 4, 2), x) < CAUSAL_ATOL
+    assert future_influence(make_layer("soft", 4), x) > 100 * CAUSAL_ATOL
+    assert future_influence(make_layer("expert_choice", 4, 1), x, trials=20) > 100 * CAUSAL_ATOL
