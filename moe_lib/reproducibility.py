@@ -16,7 +16,8 @@ environment variables:
   ``MKL_DYNAMIC=FALSE`` and ``OMP_DYNAMIC=FALSE`` no thread count changes at run time.
 - ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` ``=1``: one thread, so reductions
   add in one order whatever the number of cores.
-- ``ONEDNN_MAX_CPU_ISA=AVX2``: oneDNN's JIT kernels (bfloat16 matmuls, convolutions).
+- ``ONEDNN_MAX_CPU_ISA=AVX2``: oneDNN's JIT kernels (the book meets them in GELU; also bfloat16 matmuls,
+  convolutions).
 - ``NPY_DISABLE_CPU_FEATURES``: NumPy's AVX-512 targets (read from the installed NumPy), so its SIMD
   loops (``exp``, ``log``, ``sin``, …) run their AVX2 versions.
 - ``OPENBLAS_CORETYPE=Haswell``: the AVX2 kernels of the OpenBLAS that NumPy and SciPy bring.
