@@ -31,7 +31,7 @@ environment wins over the caller's, so a shell that sets ``OMP_NUM_THREADS=8`` o
 ``ATEN_CPU_CAPABILITY=avx512`` does not reach the notebook.
 
 The contract (:func:`contract`). The stored outputs are reproduced bit for bit on Linux x86-64 machines
-with AVX2 and FMA (Intel or AMD, any core count), in the pinned environment of
+with AVX2 and FMA (any core count; Intel measured, AMD by MKL's documentation of the COMPATIBLE branch), in the pinned environment of
 ``requirements/constraints.txt``. Elsewhere (ARM, macOS, an x86-64 CPU without AVX2) the pinned kernels
 do not exist; ``make test`` still executes every notebook there but does not compare its outputs.
 
