@@ -81,14 +81,19 @@ def _is_x86_64(machine: str | None = None) -> bool:
     return (machine or platform.machine()).lower() in ("x86_64", "amd64")
 
 
+def _numpy_cpu():
+    """NumPy's module that lists its CPU dispatch targets and which of them are enabled."""
+    try:
+        from numpy._core import _multiarray_umath
+    except ImportError:  # NumPy 1.x
+        from numpy.core import _multiarray_umath
+    return _multiarray_umath
+
+
 def numpy_features_above_avx2() -> list[str]:
     """NumPy's dispatch targets above AVX2 (``X86_V4``, ``AVX512_*``; the names differ between NumPy
     versions, so they are read from the installed NumPy). Disabling them leaves NumPy's AVX2 loops."""
-    try:
-        from numpy._core._multiarray_umath import __cpu_dispatch__
-    except ImportError:  # NumPy 1.x
-        from numpy.core._multiarray_umath import __cpu_dispatch__
-    return [f for f in __cpu_dispatch__ if f == "X86_V4" or f.startswith("AVX512")]
+    return [f for f in _numpy_cpu().__cpu_dispatch__ if f == "X86_V4" or f.startswith("AVX512")]
 
 
 def profile_env(machine: str | None = None) -> dict[str, str]:
@@ -166,11 +171,8 @@ def profile_mismatches() -> dict[str, tuple[str, str]]:
         cap = torch.backends.cpu.get_cpu_capability()
         if cap != ATEN_CAPABILITY:
             found["torch.backends.cpu.get_cpu_capability()"] = (ATEN_CAPABILITY, cap)
-        try:
-            from numpy._core._multiarray_umath import __cpu_features__
-        except ImportError:  # NumPy 1.x
-            from numpy.core._multiarray_umath import __cpu_features__
-        on = sorted(f for f in numpy_features_above_avx2() if __cpu_features__.get(f))
+        enabled = _numpy_cpu().__cpu_features__
+        on = sorted(f for f in numpy_features_above_avx2() if enabled.get(f))
         if on:
             found["numpy features above AVX2"] = ("none", " ".join(on))
     if torch.get_num_threads() != 1:
