@@ -41,8 +41,9 @@ Use it for your own runs::
     eval "$(python -m moe_lib.reproducibility env)"   # this shell under the profile
     python -m moe_lib.reproducibility install-kernel  # the ``moe-book`` kernel, into sys.prefix
 
-The cost: one thread, MKL's slowest GEMM branch and AVX2 instead of AVX-512. The book's models are small
-(their time goes to Python and small kernels, not to large GEMMs); the README gives the measured cost.
+The cost: one thread, MKL's slowest GEMM branch and AVX2 instead of AVX-512. Large fp32 GEMMs run about
+six times slower than MKL's native AVX-512 path, so the chapters that train Transformers take about twice
+as long; the README gives the measured times.
 """
 from __future__ import annotations
 
