@@ -42,6 +42,7 @@ from . import (  # noqa: E402
     serving,
     tasks,
     training,
+    stats,
     utils,
 )
 from .backends import BACKENDS

@@ -35,6 +35,18 @@ def book_style() -> None:
     })
 
 
+def mean_band(ax, x, curves, label: str | None = None, color=None, alpha: float = 0.2, **kwargs):
+    """Plot the mean of ``curves`` (``[n_seeds, len(x)]``) as a line and its 95 % t-interval as a band
+    (:func:`moe_lib.stats.summarize_curves`); the label gets ``(n=…)``. Returns the line."""
+    from .stats import summarize_curves
+
+    mean, half = summarize_curves(curves)
+    n = len(curves)
+    (line,) = ax.plot(x, mean, label=None if label is None else f"{label} (n={n})", color=color, **kwargs)
+    ax.fill_between(x, mean - half, mean + half, color=line.get_color(), alpha=alpha, linewidth=0)
+    return line
+
+
 def expert_color(e: int) -> str:
     return EXPERT_COLORS[e % len(EXPERT_COLORS)]
 
