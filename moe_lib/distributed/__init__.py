@@ -10,11 +10,11 @@
 from . import check, cost
 from .comm import (DEFAULT_TIMEOUT_S, LaunchError, all_to_all, default_backend, exchange_counts, free_port,
                    init_distributed, launch, run_torchrun)
-from .cost import EPCost, ep_cost
+from .cost import EPCost, ep_cost, traffic_summary
 from .layer import ExpertParallelMoE, expected_remote_fraction, shard_range
 
 __all__ = [
     "ExpertParallelMoE", "all_to_all", "exchange_counts", "init_distributed", "launch", "LaunchError",
     "default_backend", "free_port", "run_torchrun", "shard_range", "expected_remote_fraction", "EPCost", "ep_cost",
-    "DEFAULT_TIMEOUT_S", "check", "cost",
+    "DEFAULT_TIMEOUT_S", "check", "cost", "traffic_summary",
 ]

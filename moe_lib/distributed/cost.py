@@ -77,3 +77,35 @@ def ep_cost(*, tokens_per_gpu: int, d_model: int, d_ff: int, num_experts: int, t
     a2a_s = (send / (link_GBps * 1e9) + 2 * latency_us * 1e-6) if world_size > 1 else 0.0
     compute_s = flops / (peak_tflops * 1e12 * mfu)
     return EPCost(world_size, experts_per_gpu, send, flops, weights, a2a_s, compute_s)
+
+
+def traffic_summary(traffic, d_model: int, world_size: int, bytes_per_elem: int = 4):
+    """Measured dispatch volume against :func:`a2a_bytes`, over seeds: a pandas table with one row per
+    ``(top_k, tokens)``.
+
+    ``traffic`` holds the rows of :func:`moe_lib.distributed.check.measure_traffic` tagged with their
+    ``seed`` (``python -m moe_lib.distributed.demo --seeds ...``; at least 2 seeds). Per seed, the bytes a
+    rank sent are averaged over the ranks; over the seeds :func:`moe_lib.stats.summarize` gives the mean and
+    95 % interval of that volume (``measured_KB``, ``± KB``) and of its ratio to the model
+    (``measured / model``, ``± ratio``, ``std ratio``), and ``model in CI`` says whether the model's volume
+    lies inside the measured interval.
+    """
+    import pandas as pd
+
+    from ..stats import summarize
+
+    df = pd.DataFrame(list(traffic))
+    need = {"top_k", "tokens", "seed", "sent_remote_bytes"}
+    if df.empty or not need <= set(df.columns):
+        raise ValueError(f"traffic rows must hold {sorted(need)} (run the demo with --seeds), got {sorted(df.columns)}")
+    per_seed = df.groupby(["top_k", "tokens", "seed"]).sent_remote_bytes.mean().reset_index()
+    rows = []
+    for (k, t), g in per_seed.groupby(["top_k", "tokens"]):
+        if len(g) < 2:
+            raise ValueError(f"top_k={k}, tokens={t}: {len(g)} seed(s); a spread needs at least 2")
+        model = a2a_bytes(int(t), int(k), d_model, world_size, bytes_per_elem)
+        vol, ratio = summarize(g.sent_remote_bytes / 1e3), summarize(g.sent_remote_bytes / model)
+        rows.append({"top_k": int(k), "tokens": int(t), "measured_KB": vol.mean, "± KB": vol.half_width,
+                     "model_KB": model / 1e3, "measured / model": ratio.mean, "± ratio": ratio.half_width,
+                     "std ratio": ratio.std, "seeds": ratio.n, "model in CI": bool(ratio.low <= 1.0 <= ratio.high)})
+    return pd.DataFrame(rows)

@@ -3,7 +3,9 @@
 Every rank joins the process group (gloo on the CPU, NCCL on GPUs: :func:`init_distributed`), checks the
 expert-parallel layer against one process for a few routers (:func:`~moe_lib.distributed.check.run_cases`)
 and measures the all-to-all traffic for several local batch sizes and ``k``. Rank 0 gathers everything
-and writes one JSON file.
+and writes one JSON file. ``--seeds 0 1 2`` repeats both for several seeds in the same process group (each
+row then carries its ``seed``; the default is the single ``--seed``), so the spread of the measured
+traffic over seeds costs one job start-up, not one per seed.
 """
 from __future__ import annotations
 
@@ -32,22 +34,28 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run the checks and the traffic measurement for each of these seeds (overrides --seed)")
     parser.add_argument("--timeout-s", type=float, default=60.0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
     init_distributed(timeout_s=args.timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
-    equality = check.run_cases(rank, world, EQUALITY_CASES, tokens=48, seed=args.seed)
-    traffic = []
-    for k in args.top_k:
-        kw = {"d_model": args.d_model, "d_ff": 2 * args.d_model, "num_experts": args.num_experts, "top_k": k}
-        traffic += check.measure_traffic(rank, world, kw, args.tokens, seed=args.seed)
+    seeds = [args.seed] if args.seeds is None else list(args.seeds)
+    if len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds must be distinct, got {seeds}")
+    equality, traffic = [], []
+    for seed in seeds:
+        equality += [dict(e, seed=seed) for e in check.run_cases(rank, world, EQUALITY_CASES, tokens=48, seed=seed)]
+        for k in args.top_k:
+            kw = {"d_model": args.d_model, "d_ff": 2 * args.d_model, "num_experts": args.num_experts, "top_k": k}
+            traffic += [dict(t, seed=seed) for t in check.measure_traffic(rank, world, kw, args.tokens, seed=seed)]
     gathered = [None] * world
     dist.all_gather_object(gathered, {"equality": equality, "traffic": traffic})
     if rank == 0:
         result = {"world_size": world, "backend": dist.get_backend(), "cases": EQUALITY_CASES,
-                  "d_model": args.d_model, "num_experts": args.num_experts, "bytes_per_elem": 4,
+                  "d_model": args.d_model, "num_experts": args.num_experts, "bytes_per_elem": 4, "seeds": seeds,
                   "equality": [e for g in gathered for e in g["equality"]],
                   "traffic": [t for g in gathered for t in g["traffic"]],
                   "seconds": time.perf_counter() - start}
