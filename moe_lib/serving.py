@@ -9,6 +9,8 @@
 * :class:`LRUExpertCache` / :func:`cache_hit_rates` — an expert cache (offloading) simulated on a trace.
 * :func:`generate` — greedy decoding with any ``idx -> logits`` model, recording the experts of each step.
 * :func:`load_anchor` — the committed H200 measurements (``benchmarks/anchors/``).
+* :func:`random_trace`, :func:`touched_experiment`, :func:`cache_experiment` — chapter 14's experiments
+  for one seed, to run over seeds with :func:`moe_lib.stats.over_seeds`.
 """
 from __future__ import annotations
 
@@ -63,11 +65,12 @@ def decode_bytes(*, shared_params: float, expert_params: float, num_experts: int
 
 @torch.no_grad()
 def time_decode(layer: nn.Module, d_model: int, batch_sizes: Iterable[int], repeats: int = 5,
-                generator: torch.Generator | None = None) -> list[dict]:
+                generator: torch.Generator | None = None, spread: bool = False) -> list[dict]:
     """Median wall time of ``layer`` on ``B`` tokens (one decode step of a batch of ``B`` sequences).
 
-    Returns ``[{"batch", "ms", "tokens_per_s"}]``. Wall-clock: tag notebook cells that print it
-    ``nbval-ignore-output``.
+    Returns ``[{"batch", "ms", "tokens_per_s"}]``; with ``spread=True`` also ``"ms_p25"`` and ``"ms_p75"``,
+    the quartiles of the ``repeats`` times (their gap is the interquartile range: the timing noise).
+    Wall-clock: tag notebook cells that print it ``nbval-ignore-output``.
     """
     check_int("repeats", repeats, minimum=1)
     rows = []
@@ -80,7 +83,11 @@ def time_decode(layer: nn.Module, d_model: int, batch_sizes: Iterable[int], repe
             layer(x)
             times.append(time.perf_counter() - start)
         ms = 1e3 * sorted(times)[len(times) // 2]
-        rows.append({"batch": b, "ms": ms, "tokens_per_s": b / (ms / 1e3)})
+        row = {"batch": b, "ms": ms, "tokens_per_s": b / (ms / 1e3)}
+        if spread:
+            q = torch.quantile(torch.tensor(times, dtype=torch.float64), torch.tensor([0.25, 0.75], dtype=torch.float64))
+            row.update(ms_p25=1e3 * float(q[0]), ms_p75=1e3 * float(q[1]))
+        rows.append(row)
     return rows
 
 
@@ -161,3 +168,70 @@ def load_anchor(name: str = "h200_2026-11-28.json", start: str | Path = ".") -> 
         if path.exists():
             return json.loads(path.read_text())
     raise FileNotFoundError(f"benchmarks/anchors/{name} not found above {here}")
+
+
+def random_trace(num_experts: int, top_k: int, batch: int, steps: int,
+                 generator: torch.Generator | None = None) -> list[list[int]]:
+    """A decode trace under uniform routing: for each of ``steps`` steps, the sorted distinct experts of
+    ``batch`` tokens that each draw ``top_k`` distinct experts of ``num_experts`` uniformly."""
+    check_int("num_experts", num_experts, minimum=1)
+    check_int("top_k", top_k, minimum=1, maximum=num_experts)
+    check_int("batch", batch, minimum=1)
+    check_int("steps", steps, minimum=0)
+    return [sorted({e for _ in range(batch) for e in torch.randperm(num_experts, generator=generator)[:top_k].tolist()})
+            for _ in range(steps)]
+
+
+def touched_experiment(seed: int, batch_sizes: Sequence[int], lm_config, trials: int = 40,
+                       big: tuple[int, int] = (64, 8), tokens: int = 4096) -> dict:
+    """Chapter 14's distinct-experts count for one seed: the mean number of distinct experts ``B`` tokens
+    touch, for each ``B`` in ``batch_sizes``, on two routings — an untrained ``MoELayer`` with
+    ``big = (E, k)`` on ``tokens`` random inputs (``d_model = 64``), and the first MoE layer of an untrained
+    ``TransformerLM(lm_config)`` on 16 random sequences. The seed draws the weights, the inputs and the
+    sampled batches. Returns ``{(routing, B): mean distinct experts}`` with routings ``"E=..,k=.."`` and
+    ``"LM E=..,k=.."``.
+    """
+    from .layer import MoELayer
+    from .models import TransformerLM
+    from .utils import seed_everything
+
+    gen = seed_everything(seed)
+    num_experts, top_k = big
+    layer = MoELayer(d_model=64, d_ff=32, num_experts=num_experts, top_k=top_k)
+    model = TransformerLM(lm_config).eval()
+    with torch.no_grad():
+        _, info = layer(torch.randn(tokens, 64, generator=gen), return_info=True)
+        model(torch.randint(0, lm_config.vocab_size, (16, lm_config.seq_len), generator=gen))
+    out = {}
+    for b, v in zip(batch_sizes, measure_experts_touched(info.routing.experts, num_experts, batch_sizes, trials, gen)):
+        out[(f"E={num_experts},k={top_k}", b)] = v
+    lm_layer = model.moe_layers()[0]
+    name = f"LM E={lm_config.num_experts},k={lm_config.top_k}"
+    for b, v in zip(batch_sizes, measure_experts_touched(lm_layer.last_info.routing.experts, lm_config.num_experts,
+                                                        batch_sizes, trials, gen)):
+        out[(name, b)] = v
+    return out
+
+
+def cache_experiment(seed: int, lm_config, prompt: Tensor, steps: int, capacities: Sequence[int],
+                     layer: int = 0) -> dict:
+    """Chapter 14's expert-cache experiment for one seed: LRU hit rates (:func:`cache_hit_rates`) on the
+    decode trace of an untrained ``TransformerLM(lm_config)`` (weights drawn from ``seed``) generating
+    ``steps`` tokens greedily from ``prompt`` (MoE layer ``layer``), and on a uniform :func:`random_trace`
+    with the same ``E``, ``k``, batch and steps (drawn from ``seed``). Returns ``{(trace, capacity): hit
+    rate}`` with traces ``"LM"`` and ``"random"``, and ``{(trace, "distinct per step"): mean number of
+    distinct experts a step touches}``.
+    """
+    from .models import TransformerLM
+    from .utils import seed_everything
+
+    gen = seed_everything(seed)
+    model = TransformerLM(lm_config).eval()
+    _, trace = generate(model, prompt, steps=steps)
+    lm_trace = [s[layer] for s in trace]
+    rnd = random_trace(lm_config.num_experts, lm_config.top_k, prompt.shape[0], len(lm_trace), gen)
+    out = {("LM", c): h for c, h in zip(capacities, cache_hit_rates(lm_trace, capacities))}
+    out.update({("random", c): h for c, h in zip(capacities, cache_hit_rates(rnd, capacities))})
+    out[("LM", "distinct per step")] = sum(map(len, lm_trace)) / max(1, len(lm_trace))
+    out[("random", "distinct per step")] = sum(map(len, rnd)) / max(1, len(rnd))
+    return out

@@ -38,3 +38,50 @@ def test_traffic_summary_needs_seeds():
         traffic_summary(rows, d_model=16, world_size=4)
     with pytest.raises(ValueError, match="--seeds"):
         traffic_summary([{k: v for k, v in r.items() if k != "seed"} for r in rows], d_model=16, world_size=4)
+
+
+def _tiny_lm_config():
+    from moe_lib.models import LMConfig
+
+    return LMConfig(vocab_size=32, seq_len=8, d_model=16, n_layers=1, n_heads=2, ffn="moe", d_ff=16,
+                    num_experts=4, top_k=2)
+
+
+def test_random_trace_shape_and_counts():
+    import torch
+
+    from moe_lib.serving import random_trace
+
+    tr = random_trace(8, 2, 3, 10, torch.Generator().manual_seed(0))
+    assert len(tr) == 10
+    assert all(2 <= len(s) <= 6 and s == sorted(set(s)) and all(0 <= e < 8 for e in s) for s in tr)
+    assert random_trace(8, 8, 1, 2) == [list(range(8))] * 2
+    with pytest.raises(ValueError):
+        random_trace(8, 9, 1, 1)
+
+
+def test_time_decode_spread_keys():
+    from moe_lib import MoELayer
+    from moe_lib.serving import time_decode
+
+    layer = MoELayer(d_model=8, d_ff=8, num_experts=4, top_k=1).eval()
+    plain = time_decode(layer, 8, [2], repeats=3)
+    assert set(plain[0]) == {"batch", "ms", "tokens_per_s"}  # unchanged without spread
+    row = time_decode(layer, 8, [2], repeats=5, spread=True)[0]
+    assert row["ms_p25"] <= row["ms"] <= row["ms_p75"]
+
+
+def test_touched_and_cache_experiments_are_seeded():
+    import torch
+
+    from moe_lib.serving import cache_experiment, touched_experiment
+
+    cfg = _tiny_lm_config()
+    a = touched_experiment(0, [1, 4], cfg, trials=5, big=(8, 2), tokens=64)
+    assert a == touched_experiment(0, [1, 4], cfg, trials=5, big=(8, 2), tokens=64)
+    assert a[("E=8,k=2", 1)] == 2 and a[("LM E=4,k=2", 1)] == 2  # one token touches exactly k experts
+    prompt = torch.randint(0, 32, (2, 4), generator=torch.Generator().manual_seed(0))
+    b = cache_experiment(1, cfg, prompt, steps=3, capacities=[0, 4])
+    assert b == cache_experiment(1, cfg, prompt, steps=3, capacities=[0, 4])
+    assert b[("LM", 0)] == 0.0 and b[("random", 0)] == 0.0
+    assert 2 <= b[("LM", "distinct per step")] <= 4
