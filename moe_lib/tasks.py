@@ -175,3 +175,93 @@ def train_and_evaluate(
                              lr=lr, batch_size=batch_size, seed=seed, progress=progress)
     model = model.cpu()
     return model, history, evaluate(model, test, use_token_ids=use_token_ids)
+
+
+@dataclass
+class SeedRuns:
+    """One setting of :func:`train_and_evaluate` run over several seeds (:func:`train_over_seeds`).
+
+    ``seeds`` in run order; ``summaries`` maps each metric of :func:`evaluate` to its
+    :class:`moe_lib.stats.Summary` over the seeds (per-seed values in ``summaries[m].values``, in seed
+    order, so two settings run on the same seeds compare *paired*); ``histories`` and ``models`` hold each
+    seed's training history and trained model (``models`` is empty when ``keep_models=False``).
+    ``runs[metric]`` is ``runs.summaries[metric]``.
+    """
+
+    seeds: tuple[int, ...]
+    summaries: dict
+    histories: list
+    models: list
+
+    def __getitem__(self, metric: str):
+        return self.summaries[metric]
+
+    def keys(self):
+        return self.summaries.keys()
+
+    def curves(self, name: str = "max_violation"):
+        """``[n_seeds, steps]`` float array of one per-step history field (``max_violation``,
+        ``max_logit``, ``train_loss``, ...): the input of :func:`moe_lib.plot.mean_band`."""
+        import numpy as np
+
+        return np.asarray([getattr(h, name) for h in self.histories], dtype=float)
+
+
+def train_over_seeds(train: TaskData, test: TaskData, *, seeds, keep_models: bool = True, **kwargs) -> SeedRuns:
+    """:func:`train_and_evaluate` once per seed (``seeds``: a count ``n`` for seeds ``0..n-1``, or a
+    sequence of ints), same data, same ``kwargs``; the seed sets the initialisation, the batch order and the
+    router noise. Returns a :class:`SeedRuns` whose metrics are summarised by
+    :func:`moe_lib.stats.over_seeds` (mean ± 95 % t-interval)."""
+    from .stats import over_seeds
+
+    if "seed" in kwargs:
+        raise TypeError("train_over_seeds takes seeds=..., not seed=...")
+    histories, models, used = [], [], []
+
+    def run(seed: int) -> dict[str, float]:
+        model, history, metrics = train_and_evaluate(train, test, seed=seed, **kwargs)
+        used.append(seed)
+        histories.append(history)
+        if keep_models:
+            models.append(model)
+        return {k: float(v) for k, v in metrics.items()}
+
+    summaries = over_seeds(run, seeds)
+    return SeedRuns(tuple(used), summaries, histories, models)
+
+
+def summary_table(results, metrics, *, reference: str | None = None, verdicts=None, decimals=3):
+    """A pandas table of several settings over seeds, one row per setting, one ``"mean ± half-width"``
+    column per metric (95 % t-interval, :class:`moe_lib.stats.Summary`), and a column ``n`` (seeds).
+
+    ``results`` maps setting → :class:`SeedRuns` (or any mapping metric → Summary); ``metrics`` is a list
+    of metric names or a mapping name → column label. With ``reference`` (a key of ``results``) and
+    ``verdicts`` (mapping metric → ``lower_is_better``), a column ``"<label> vs <reference>"`` per verdict
+    metric holds :func:`moe_lib.stats.compare`'s paired verdict: ``"better"``, ``"worse"`` or
+    ``"within noise"`` (``"reference"`` on the reference row). ``decimals`` is one int or a mapping
+    metric → int (metrics not in it get 3).
+    """
+    import pandas as pd
+
+    from .stats import compare
+
+    labels = dict(metrics) if isinstance(metrics, dict) else {m: m for m in metrics}
+    verdicts = dict(verdicts or {})
+    if verdicts and reference is None:
+        raise ValueError("verdicts need a reference setting")
+    if reference is not None and reference not in results:
+        raise ValueError(f"reference must be one of {list(results)}, got {reference!r}")
+    digits = {m: (decimals.get(m, 3) if isinstance(decimals, dict) else decimals) for m in labels}
+    rows = {}
+    for name, res in results.items():
+        row = {label: res[m].format(digits[m], n=False) for m, label in labels.items()}
+        row["n"] = min(res[m].n for m in labels)
+        for m, lower in verdicts.items():
+            column = f"{labels.get(m, m)} vs {reference}"
+            if name == reference:
+                row[column] = "reference"
+            else:
+                v = compare(res[m], results[reference][m], names=(name, reference), lower_is_better=lower)
+                row[column] = "within noise" if v.winner is None else "better" if v.winner == name else "worse"
+        rows[name] = row
+    return pd.DataFrame.from_dict(rows, orient="index")
