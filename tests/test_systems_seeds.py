@@ -85,3 +85,21 @@ def test_touched_and_cache_experiments_are_seeded():
     assert b == cache_experiment(1, cfg, prompt, steps=3, capacities=[0, 4])
     assert b[("LM", 0)] == 0.0 and b[("random", 0)] == 0.0
     assert 2 <= b[("LM", "distinct per step")] <= 4
+
+
+def test_headline_numbers_from_the_committed_anchors():
+    from pathlib import Path
+
+    from moe_lib.bench import report as R
+
+    frame, sources = R.load_all(Path(__file__).resolve().parents[1])
+    anchor = next(s for s in sources if s["kind"] == "anchor")
+    hl = R.headline_numbers(frame, anchor["ceilings"]["dense_tflops"])
+    lo, hi = hl["coarse_fwd"]
+    assert 0 < lo <= hi
+    assert hl["coarse_fwd_extra_time"] == pytest.approx(1 / lo - 1)
+    # a ratio of 0.794 is 26 % more time, not "at most a fifth slower"
+    assert hl["coarse_fwd_slowest"] == "hf_grouped_mm" and hl["coarse_fwd_extra_time"] > 0.2
+    for key in ("fine_fwd_torch_grouped_mm", "fine_fwd_loops", "fine_fwd_best_share_of_peak", "fwdbwd_mem_hf_over_grouped"):
+        assert hl[key][0] <= hl[key][1]
+    assert hl["fine_fwd_loops"][1] < hl["fine_fwd_torch_grouped_mm"][0]

@@ -409,3 +409,45 @@ def plot_roofline(ax, shapes: Sequence[Shape], peak_tflops: float, bandwidth_TBp
     ax.set_yscale("log")
     ax.set_xlabel("FLOP per byte (minimum traffic)")
     ax.set_ylabel("TFLOP/s")
+
+
+def headline_numbers(frame, peak_tflops: float) -> dict:
+    """The ranges chapter 12's prose quotes, computed from ``frame`` (router routing, the peers of
+    :data:`PEERS` only), so that no sentence carries a number typed by hand. ``(low, high)`` pairs:
+
+    * ``coarse_fwd`` — forward ratio to dense on the shapes with few experts (Mixtral), every peer;
+      ``coarse_fwd_slowest`` the peer at the low end and ``coarse_fwd_extra_time`` its time over the dense
+      GEMM's, minus 1 (a ratio ``r`` means ``1/r`` times the dense time);
+    * ``fine_fwd_<impl>`` — forward ratio on the fine-grained shapes for each peer, ``fine_fwd_loops`` for
+      the two loops (``hf_eager``, ``naive_loop``) together; ``fine_fwdbwd_<impl>`` the same for
+      forward + backward;
+    * ``fine_fwd_best_share_of_peak`` — the best peer's TFLOP/s over ``peak_tflops``, per fine-grained shape;
+    * ``fwdbwd_mem_hf_over_grouped`` — peak memory of ``hf_grouped_mm`` over ``torch_grouped_mm`` in
+      forward + backward.
+
+    The committed anchor files hold one median time per (shape, implementation) and no spread, so these
+    are ranges over shapes and implementations, not confidence intervals.
+    """
+    def rng(values):
+        v = [float(x) for x in values if x == x]  # drop NaN
+        return (min(v), max(v)) if v else (float("nan"), float("nan"))
+
+    out: dict = {}
+    fwd, fb = select(frame, "prefill", "fwd"), select(frame, "prefill", "fwdbwd")
+    fwd, fb = fwd[fwd.impl.isin(PEERS)], fb[fb.impl.isin(PEERS)]
+    coarse, fine = fwd[~fwd.fine_grained.astype(bool)], fwd[fwd.fine_grained.astype(bool)]
+    out["coarse_fwd"] = rng(coarse.ratio_to_dense)
+    if len(coarse):
+        slowest = coarse.loc[coarse.ratio_to_dense.idxmin()]
+        out["coarse_fwd_slowest"] = str(slowest.impl)
+        out["coarse_fwd_extra_time"] = 1.0 / float(slowest.ratio_to_dense) - 1.0
+    fine_fb = fb[fb.fine_grained.astype(bool)]
+    for impl in PEERS:
+        out[f"fine_fwd_{impl}"] = rng(fine.loc[fine.impl == impl, "ratio_to_dense"])
+        out[f"fine_fwdbwd_{impl}"] = rng(fine_fb.loc[fine_fb.impl == impl, "ratio_to_dense"])
+    out["fine_fwd_loops"] = rng(fine.loc[fine.impl.isin(["hf_eager", "naive_loop"]), "ratio_to_dense"])
+    out["fine_fwd_best_share_of_peak"] = rng(fine.groupby("shape").tflops.max() / peak_tflops)
+    mem = fb.pivot_table(index="shape", columns="impl", values="peak_mem_gb", aggfunc="first")
+    if {"hf_grouped_mm", "torch_grouped_mm"} <= set(mem.columns):
+        out["fwdbwd_mem_hf_over_grouped"] = rng(mem["hf_grouped_mm"] / mem["torch_grouped_mm"])
+    return out
