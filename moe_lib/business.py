@@ -64,6 +64,33 @@ class ModelShape:
         expert = (total_params - active_params) / (num_experts - top_k)
         return cls(name, total_params, expert, num_experts, top_k)
 
+    @classmethod
+    def from_architecture(cls, name: str, *, d_model: int, n_layers: int, d_ff: int, n_heads: int, n_kv_heads: int,
+                          head_dim: int, vocab_size: int, num_experts: int = 1, top_k: int = 1,
+                          tied_embeddings: bool = False) -> "ModelShape":
+        """Count the parameters of a decoder-only Transformer with SwiGLU FFNs (three ``d_model × d_ff``
+        matrices per expert; ``num_experts = 1`` is dense), grouped-query attention (``q`` and ``o``:
+        ``d_model × n_heads·head_dim``; ``k`` and ``v``: ``d_model × n_kv_heads·head_dim``), a router
+        ``d_model × E`` per layer when ``E > 1``, two RMSNorm weights per layer and a final one, and the
+        input embedding plus an output head unless ``tied_embeddings``. No biases. This is the layout of
+        Mistral/Mixtral, whose published architecture table is enough to count them.
+        """
+        for f, v in (("d_model", d_model), ("n_layers", n_layers), ("d_ff", d_ff), ("n_heads", n_heads),
+                     ("n_kv_heads", n_kv_heads), ("head_dim", head_dim), ("vocab_size", vocab_size)):
+            check_int(f, v, minimum=1)
+        check_int("num_experts", num_experts, minimum=1)
+        check_int("top_k", top_k, minimum=1, maximum=num_experts)
+        expert = 3 * d_model * d_ff
+        attn = 2 * d_model * n_heads * head_dim + 2 * d_model * n_kv_heads * head_dim
+        router = d_model * num_experts if num_experts > 1 else 0
+        per_layer_shared = attn + router + 2 * d_model
+        embeddings = vocab_size * d_model * (1 if tied_embeddings else 2)
+        shared = n_layers * per_layer_shared + d_model + embeddings
+        total = shared + n_layers * num_experts * expert
+        if num_experts == 1:
+            return cls(name, float(total))
+        return cls(name, float(total), float(n_layers * expert), num_experts, top_k)
+
 
 @dataclass
 class Hardware:
@@ -106,11 +133,20 @@ def serve(model: ModelShape, hw: Hardware, batch: int, bytes_per_param: float = 
     }
 
 
-def breakeven_batch(moe: ModelShape, dense: ModelShape, hw: Hardware, max_batch: int = 4096) -> int | None:
-    """Smallest batch (power of two) from which the MoE costs less per token than ``dense``; ``None`` if never."""
+def breakeven_batch(moe: ModelShape, dense: ModelShape, hw: Hardware, max_batch: int = 4096,
+                    decimals: int | None = None) -> int | None:
+    """Smallest batch (power of two) from which the MoE costs less per token than ``dense``; ``None`` if never.
+
+    With ``decimals``, the two costs ($ per million tokens) are compared rounded to that many digits — the
+    digits a table prints — so that a tie (two models reading the same bytes) is a tie and not a verdict
+    decided by the last bit of a float.
+    """
     b = 1
     while b <= max_batch:
-        if serve(moe, hw, b)["$ / M tokens"] < serve(dense, hw, b)["$ / M tokens"]:
+        a, d = serve(moe, hw, b)["$ / M tokens"], serve(dense, hw, b)["$ / M tokens"]
+        if decimals is not None:
+            a, d = round(a, decimals), round(d, decimals)
+        if a < d:
             return b
         b *= 2
     return None

@@ -103,3 +103,27 @@ def test_headline_numbers_from_the_committed_anchors():
     for key in ("fine_fwd_torch_grouped_mm", "fine_fwd_loops", "fine_fwd_best_share_of_peak", "fwdbwd_mem_hf_over_grouped"):
         assert hl[key][0] <= hl[key][1]
     assert hl["fine_fwd_loops"][1] < hl["fine_fwd_torch_grouped_mm"][0]
+
+
+def test_model_shape_from_the_mixtral_architecture_table():
+    from moe_lib.business import ModelShape
+
+    arch = dict(d_model=4096, n_layers=32, d_ff=14336, n_heads=32, n_kv_heads=8, head_dim=128, vocab_size=32000)
+    mixtral = ModelShape.from_architecture("Mixtral", num_experts=8, top_k=2, **arch)
+    assert mixtral.total_params == 46_702_792_704   # "46.7B" at release, "47B" in the paper
+    assert mixtral.active_params == 12_879_925_248  # "12.9B" / "13B"
+    mistral = ModelShape.from_architecture("Mistral 7B", **arch)
+    assert mistral.total_params == 7_241_732_096 and mistral.num_experts == 1
+    with pytest.raises(ValueError):
+        ModelShape.from_architecture("bad", num_experts=2, top_k=3, **arch)
+
+
+def test_breakeven_batch_rounds_ties():
+    from moe_lib.business import Hardware, ModelShape, breakeven_batch
+
+    hw = Hardware("gpu", memory_GB=1000, bandwidth_TBps=4.0, peak_tflops=700.0, price_per_hour=1.0)
+    moe = ModelShape.moe("moe", 46.7e9, 12.9e9, num_experts=8, top_k=2)
+    # at batch 1 the MoE reads its active weights, as much as the same-active dense model: equal costs
+    same_active = ModelShape("dense", moe.active_params * (1 + 1e-15))
+    assert breakeven_batch(moe, same_active, hw, decimals=3) is None
+    assert breakeven_batch(moe, ModelShape("dense total", 46.7e9), hw, decimals=3) == 1
