@@ -18,7 +18,8 @@ from torch import Tensor
 
 from .._validate import check_int, check_nonnegative_float
 
-__all__ = ["SensorData", "regime_sensor", "mixture_scores", "single_model_scores", "roc_curve", "roc_auc"]
+__all__ = ["SensorData", "regime_sensor", "mixture_scores", "single_model_scores", "roc_curve", "roc_auc",
+           "anomaly_aucs"]
 
 
 @dataclass
@@ -134,3 +135,14 @@ def roc_auc(scores: Tensor, labels: Tensor) -> float:
     del i, pos
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def anomaly_aucs(seed: int, n: int = 3000, *, num_experts: int = 4, epochs: int = 40) -> dict:
+    """One anomaly-detection run of chapter 17: train on the recording ``regime_sensor(n, seed=2·seed)``,
+    score ``regime_sensor(n, seed=2·seed + 1)``, and return the ROC AUC of the EM mixture
+    (:func:`mixture_scores`) and of the single linear model (:func:`single_model_scores`):
+    ``{"mixture": auc, "single model": auc}``. Seeds ``s`` and ``s + 1`` use disjoint recordings."""
+    seed = check_int("seed", seed, minimum=0)
+    train, test = regime_sensor(n, seed=2 * seed), regime_sensor(n, seed=2 * seed + 1)
+    mixture, _ = mixture_scores(train, test, num_experts=num_experts, epochs=epochs, seed=seed)
+    return {"mixture": roc_auc(mixture, test.anomaly), "single model": roc_auc(single_model_scores(train, test), test.anomaly)}

@@ -26,7 +26,7 @@ from ..experts import MLPExperts
 from ..routers import DenseRouter
 
 __all__ = ["MultiTaskData", "synthetic_tasks", "SharedBottom", "MMoE", "OMoE", "fit_multitask",
-           "task_mse", "num_parameters"]
+           "task_mse", "num_parameters", "relative_error_run"]
 
 
 @dataclass
@@ -203,3 +203,26 @@ def task_mse(model: nn.Module, data: MultiTaskData, device: str = "cpu") -> list
     model.eval()
     pred = model(data.x.to(device)).cpu()
     return (pred - data.y).square().mean(0).tolist()
+
+
+def relative_error_run(make_model, correlation: float, task_seed: int, *, n_train: int = 2000,
+                       n_test: int = 2000, steps: int = 250, batch_size: int = 256, lr: float = 1e-2,
+                       device: str = "cpu") -> float:
+    """One multi-task run of chapter 17: draw the task pair ``task_seed`` at ``correlation``, train
+    ``make_model()`` (built after ``torch.manual_seed(task_seed)``) on ``n_train`` examples with
+    :func:`fit_multitask`, and return the test MSE divided by each task's label variance, averaged over
+    the tasks (0 = perfect, 1 = predicting the mean).
+
+    The task definition (``u``, ``α``, ``β``) is ``task_seed``; the training sample ``1000 + task_seed``, the
+    test sample ``2000 + task_seed``. The same ``task_seed`` gives every model the same tasks, data, batch
+    order and initialisation stream, so models run over the same seeds compare paired
+    (:func:`moe_lib.stats.compare`).
+    """
+    task_seed = check_int("task_seed", task_seed, minimum=0)
+    train = synthetic_tasks(n_train, correlation, seed=task_seed, data_seed=1000 + task_seed)
+    test = synthetic_tasks(n_test, correlation, seed=task_seed, data_seed=2000 + task_seed)
+    torch.manual_seed(task_seed)
+    model = make_model()
+    fit_multitask(model, train, steps=steps, batch_size=batch_size, lr=lr, seed=task_seed, device=device)
+    error = torch.tensor(task_mse(model.cpu(), test)) / test.y.var(0)
+    return float(error.mean())

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from .._validate import check_int
 from ..layer import MoELayer
 
-__all__ = ["patchify", "VisionMoE", "load_digits_tensors", "fit_vision", "vision_accuracy", "token_routes"]
+__all__ = ["patchify", "VisionMoE", "load_digits_tensors", "fit_vision", "vision_accuracy", "token_routes",
+           "split_validation", "lr_sweep", "pick_lr", "routing_purity"]
 
 
 def patchify(images: Tensor, patch: int = 2) -> Tensor:
@@ -126,3 +127,72 @@ def token_routes(model: VisionMoE, x: Tensor) -> Tensor:
     model(x)
     experts = model.moe.last_info.routing.experts[:, 0]
     return experts.reshape(x.shape[0], model.num_tokens)
+
+
+def split_validation(x: Tensor, y: Tensor, fraction: float = 0.2, seed: int = 0):
+    """Hold out a random ``fraction`` of a training set for validation: ``(x_fit, y_fit, x_val, y_val)``.
+    Hyper-parameters are chosen on the validation part, so the test set plays no part in the choice."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+    if len(x) != len(y):
+        raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(fraction * len(y)))
+    val, fit = order[:n_val], order[n_val:]
+    return x[fit], y[fit], x[val], y[val]
+
+
+def lr_sweep(make_model, lrs, seeds, x_fit: Tensor, y_fit: Tensor, x_val: Tensor, y_val: Tensor,
+             x_test: Tensor, y_test: Tensor, *, epochs: int = 15, batch_size: int = 64,
+             keep_models: bool = False) -> dict:
+    """Train ``make_model()`` at every learning rate in ``lrs`` over ``seeds`` (seed ``s``:
+    ``torch.manual_seed(s)`` before building the model, ``fit_vision(..., seed=s)`` for the batch order)
+    and return ``{lr: {"val": [accuracy per seed], "test": [accuracy per seed]}}``.
+
+    Every model and learning rate sees the same seeds, so results compare paired. Choose the learning
+    rate on ``"val"`` (:func:`pick_lr`) and report ``"test"`` at that rate only. With ``keep_models=True``
+    each entry also holds the trained ``"models"`` (one per seed).
+    """
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not lrs or not seeds:
+        raise ValueError("lrs and seeds must be non-empty")
+    out = {}
+    for lr in lrs:
+        val, test, models = [], [], []
+        for s in seeds:
+            torch.manual_seed(s)
+            model = make_model()
+            fit_vision(model, x_fit, y_fit, epochs=epochs, batch_size=batch_size, lr=lr, seed=s)
+            val.append(vision_accuracy(model, x_val, y_val))
+            test.append(vision_accuracy(model, x_test, y_test))
+            if keep_models:
+                models.append(model)
+        out[lr] = {"val": val, "test": test, **({"models": models} if keep_models else {})}
+    return out
+
+
+def pick_lr(sweep: dict, decimals: int = 3):
+    """The learning rate of :func:`lr_sweep`'s result with the highest mean validation accuracy, ranked on
+    the mean rounded to ``decimals`` (:func:`moe_lib.utils.rank_by`: a tie keeps the first rate listed)."""
+    from ..utils import rank_by
+
+    means = {lr: sum(r["val"]) / len(r["val"]) for lr, r in sweep.items()}
+    return rank_by(means, decimals=decimals, descending=True)[0]
+
+
+@torch.no_grad()
+def routing_purity(model: VisionMoE, x: Tensor, y: Tensor) -> dict:
+    """How much of the routing the digit class and the patch position explain: the purity
+    (:func:`moe_lib.metrics.purity`, share of tokens sent to their label's most frequent expert) of each
+    token's top expert grouped by the image's class (``"by class"``) and by the patch position
+    (``"by position"``), and the ``[labels, E]`` counts behind each (``"class counts"``,
+    ``"position counts"``)."""
+    from ..metrics import purity, specialisation
+
+    routes = token_routes(model, x)                                        # [N, P]
+    n, p = routes.shape
+    e = model.moe.num_experts
+    by_class = specialisation(routes.reshape(-1), y.repeat_interleave(p), e, int(y.max()) + 1)
+    by_position = specialisation(routes.reshape(-1), torch.arange(p).repeat(n), e, p)
+    return {"by class": purity(by_class), "by position": purity(by_position),
+            "class counts": by_class, "position counts": by_position}
