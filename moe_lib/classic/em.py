@@ -184,3 +184,102 @@ def epochs_to_converge(errors: list[float], *, every: int = 1, within: float = 0
     within = check_nonnegative_float("within", within)
     target = (1 + within) * min(errors)
     return every * (next(i for i, e in enumerate(errors) if e <= target) + 1)
+
+
+def epochs_to_reach(errors: list[float], target: float, *, every: int = 1) -> int | None:
+    """The first epoch at which ``errors`` (recorded every ``every`` epochs, the first at epoch ``every``)
+    is ``<= target``, or ``None`` if the run never reaches it — a *censored* run, which must be reported as
+    "not reached in N epochs", never as N.
+
+    Unlike :func:`epochs_to_converge` (relative to each run's own best value) the target is one absolute
+    level for every run, so runs cut off by their budget while still improving are not counted as converged.
+    """
+    if not errors:
+        raise ValueError("errors must be a non-empty list of per-epoch errors")
+    every = check_int("every", every, minimum=1)
+    target = check_nonnegative_float("target", target)
+    return next((every * (i + 1) for i, e in enumerate(errors) if e <= target), None)
+
+
+def describe_reached(epochs: list[int | None], budget: int) -> str:
+    """A table cell for the epochs several seeds needed to reach a target (``None`` = not reached).
+
+    All reached: ``"9.0 ± 2.5 (n=3)"`` (mean ± 95 % t half-width, :func:`moe_lib.stats.summarize`); none:
+    ``"not reached in 600 epochs (0/3)"``; some: the reached values and the count of censored runs, e.g.
+    ``"2/3 reached (219, 310); 1 not in 600 epochs"`` — a censored run has no number to average.
+    """
+    from ..stats import summarize
+
+    if not epochs:
+        raise ValueError("epochs must hold one entry (an int or None) per seed")
+    budget = check_int("budget", budget, minimum=1)
+    reached = [e for e in epochs if e is not None]
+    if len(reached) == len(epochs):
+        return summarize(reached).format(decimals=1) if len(reached) > 1 else f"{reached[0]} (n=1)"
+    if not reached:
+        return f"not reached in {budget} epochs (0/{len(epochs)})"
+    listed = ", ".join(str(e) for e in reached)
+    return f"{len(reached)}/{len(epochs)} reached ({listed}); {len(epochs) - len(reached)} not in {budget} epochs"
+
+
+def arm_problem(n_train: int, n_test: int, *, noise: float = 0.1, seed: int = 0,
+                device: str | torch.device = "cpu") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Chapter 3's data: :func:`moe_lib.data.arm_inverse_dynamics` training (``seed``) and test
+    (``seed + 1000``) sets, inputs and targets standardised with the training set's mean and standard
+    deviation, in float64 (EM's solves want double precision). Returns ``x, y, x_test, y_test``."""
+    from ..data import arm_inverse_dynamics
+
+    x, y = arm_inverse_dynamics(n_train, noise=noise, seed=seed)
+    x_te, y_te = arm_inverse_dynamics(n_test, noise=noise, seed=seed + 1000)
+    x_mean, x_std, y_mean, y_std = x.mean(0), x.std(0), y.mean(0), y.std(0)
+
+    def prep(t, mean, std):
+        return ((t - mean) / std).to(device=device, dtype=torch.float64)
+
+    return prep(x, x_mean, x_std), prep(y, y_mean, y_std), prep(x_te, x_mean, x_std), prep(y_te, y_mean, y_std)
+
+
+def least_squares_error(x: Tensor, y: Tensor, x_eval: Tensor, y_eval: Tensor) -> float:
+    """Test relative error of one linear model (with a bias) fitted to ``(x, y)`` by least squares."""
+    linear = torch.linalg.lstsq(_with_ones(x), y).solution
+    return relative_error(_with_ones(x_eval) @ linear, y_eval)
+
+
+@dataclass
+class TrainerCurves:
+    """One seed of chapter 3's comparison: test relative error after every epoch of each trainer
+    (``curves``: name -> list), the EM run's log-likelihood before every step, the least-squares linear
+    model's test relative error, and the trained models (``models``: name -> module)."""
+
+    curves: dict[str, list[float]]
+    em_log_likelihood: list[float]
+    linear_error: float
+    models: dict[str, torch.nn.Module]
+
+
+#: The trainers :func:`compare_trainers` runs, in order.
+TRAINERS = ("HME, EM", "HME, gradient descent", "MLP, gradient descent")
+
+
+def compare_trainers(x: Tensor, y: Tensor, x_eval: Tensor, y_eval: Tensor, *, depth: int = 4,
+                     em_epochs: int = 40, gd_epochs: int = 600, mlp_epochs: int = 600, hidden: int = 50,
+                     lr: float = 1e-2, seed: int = 0) -> TrainerCurves:
+    """Train the three models chapter 3 compares, each from ``seed``, recording the test relative error
+    after *every* epoch: an :class:`HME` of ``depth`` binary levels by EM (:func:`fit_em`), the same tree by
+    full-batch Adam on its negative log-likelihood, and a one-hidden-layer tanh MLP of ``hidden`` units by
+    full-batch Adam on the squared error (:func:`fit_gradient`). Also fits one linear model by least squares."""
+    from ..utils import seed_everything
+
+    linear_error = least_squares_error(x, y, x_eval, y_eval)
+    seed_everything(seed)
+    em_tree = HME(x.shape[1], y.shape[1], depth).to(device=x.device, dtype=x.dtype)
+    em = fit_em(em_tree, x, y, epochs=em_epochs, x_eval=x_eval, y_eval=y_eval)
+    seed_everything(seed)
+    gd_tree = HME(x.shape[1], y.shape[1], depth).to(device=x.device, dtype=x.dtype)
+    gd = fit_gradient(gd_tree, x, y, epochs=gd_epochs, lr=lr, loss="nll", x_eval=x_eval, y_eval=y_eval)
+    seed_everything(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.Tanh(),
+                              torch.nn.Linear(hidden, y.shape[1])).to(device=x.device, dtype=x.dtype)
+    mlp = fit_gradient(net, x, y, epochs=mlp_epochs, lr=lr, loss="mse", x_eval=x_eval, y_eval=y_eval)
+    curves = dict(zip(TRAINERS, (em.relative_error, gd, mlp)))
+    return TrainerCurves(curves, em.log_likelihood, linear_error, dict(zip(TRAINERS, (em_tree, gd_tree, net))))

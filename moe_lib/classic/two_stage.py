@@ -255,3 +255,62 @@ def top_expert_error(layer: MoELayer, x: Tensor, y: Tensor) -> tuple[float, floa
     p, h = layer.router(x).probs, layer.expert_outputs(x)
     own = h[torch.arange(len(x)), p.argmax(dim=1)]
     return float((own - y).square().mean()), float(p.max(dim=1).values.mean())
+
+
+def per_seed(runs, column: str, n_train: int) -> dict[str, list[float]]:
+    """``{method: [value of column per seed, in seed order]}`` for one training-set size of a long table of
+    runs with columns ``seed``, ``n_train``, ``method`` and ``column`` (chapter 4's ``runs``). Every method
+    must have run on the same seeds, so that two methods can be compared paired."""
+    rows = runs[runs["n_train"] == n_train].sort_values("seed", kind="stable")
+    out = {m: rows.loc[rows["method"] == m, column].tolist() for m in dict.fromkeys(rows["method"])}
+    seeds = {m: rows.loc[rows["method"] == m, "seed"].tolist() for m in out}
+    first = next(iter(seeds.values()), [])
+    if any(s != first for s in seeds.values()):
+        raise ValueError(f"every method must have run on the same seeds, got {seeds}")
+    return out
+
+
+def recipe_summary(runs, column: str, sizes, *, reference: str, decimals: int = 3,
+                   lower_is_better: bool = True):
+    """A table of ``column`` over seeds, one row per method: per training-set size ``n`` in ``sizes``, the
+    cell ``"mean ± 95% CI"`` and the paired verdict against ``reference`` ("better", "worse",
+    "within noise"; :func:`moe_lib.stats.compare`)."""
+    import pandas as pd
+
+    from ..stats import compare, summarize
+
+    table = {}
+    for n in sizes:
+        values = per_seed(runs, column, n)
+        if reference not in values:
+            raise ValueError(f"reference {reference!r} is not one of the methods {list(values)}")
+        cells, verdicts = {}, {}
+        for method, vals in values.items():
+            cells[method] = summarize(vals).format(decimals, n=False)
+            if method == reference:
+                verdicts[method] = "reference"
+            else:
+                winner = compare(vals, values[reference], names=(method, reference),
+                                 lower_is_better=lower_is_better).winner
+                verdicts[method] = "within noise" if winner is None else "better" if winner == method else "worse"
+        table[f"n={n}"] = pd.Series(cells)
+        table[f"vs reference, n={n}"] = pd.Series(verdicts)
+    return pd.DataFrame(table)
+
+
+def ratio_verdict(a, b, *, names: tuple[str, str] = ("A", "B")):
+    """Compare two positive per-seed errors (same seeds) by their *ratio*: the paired verdict
+    (:func:`moe_lib.stats.compare`) on ``log10 a − log10 b``. Suited to errors that span orders of magnitude
+    across seeds, where one failed seed makes the interval of the raw difference uninformative.
+
+    Returns ``(text, verdict)``: ``text`` is ``"×r (95% CI ×lo–×hi)"``, the geometric-mean ratio ``a / b``
+    and its interval; ``verdict.winner`` names the lower (better) one, or is ``None`` ("within noise").
+    """
+    import math
+
+    from ..stats import compare
+
+    if any(v <= 0 for v in list(a) + list(b)):
+        raise ValueError("ratio_verdict needs positive errors")
+    v = compare([math.log10(x) for x in a], [math.log10(x) for x in b], names=names)
+    return f"×{10 ** v.diff.mean:.3g} (95% CI ×{10 ** v.diff.low:.3g}–×{10 ** v.diff.high:.3g})", v
