@@ -191,3 +191,28 @@ def future_influence(layer: torch.nn.Module, x: Tensor, trials: int = 8, seed: i
         worst = max(worst, float((layer(changed)[:-1] - base[:-1]).abs().max()))
     layer.train(was_training)
     return worst
+
+
+@torch.no_grad()
+def routing_flops_per_token(layer: torch.nn.Module, x: Tensor, token_ids: Tensor | None = None) -> float:
+    """Counted matmul FLOPs per token of a :class:`moe_lib.MoELayer`'s *routing*: everything one forward
+    pass computes except the experts themselves (2 FLOPs per multiply-add, ``torch.utils.flop_counter``).
+
+    Counted, not asserted: the whole forward pass of ``layer`` on ``x [T, d_model]`` (with ``token_ids``
+    for routers that read them) minus the same layer's experts run alone on the same dispatch plan. For a
+    learned gate that is ``x W_g``; for Soft MoE also the dispatch and combine matmuls; for a hash of token
+    ids nothing at all. Counted in the layer's current mode (call ``layer.eval()`` for inference cost).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .backends import BACKENDS
+
+    tokens = x.reshape(-1, x.shape[-1])
+    ids = None if token_ids is None else token_ids.reshape(-1)
+    with FlopCounterMode(display=False) as whole:
+        _, info = layer(tokens, return_info=True, token_ids=ids)
+    routing = info.routing
+    inputs = routing.dispatch.t().to(tokens.dtype) @ tokens if routing.is_soft else tokens
+    with FlopCounterMode(display=False) as experts:
+        BACKENDS[layer.backend](layer.experts, inputs, info.plan)
+    return (whole.get_total_flops() - experts.get_total_flops()) / max(1, tokens.shape[0])

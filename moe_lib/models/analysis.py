@@ -100,3 +100,63 @@ def _cell(col: int, row: int, color: str):
     from matplotlib.patches import Rectangle
 
     return Rectangle((col, row), 1, 1, facecolor=color, alpha=0.55, linewidth=0)
+
+
+def train_with_snapshots(cfg, train_data: Tensor, probe: Tensor, *, steps: int, batch_size: int, seed: int,
+                         snapshot_every: int, val_data: Tensor | None = None, device: str = "cpu"):
+    """One seeded run of chapter 9: seed everything with ``seed``, build a
+    :class:`~moe_lib.models.TransformerLM` from ``cfg``, train it with :func:`~moe_lib.models.train_lm`
+    (batches drawn from ``seed``) and take a :func:`routing_trace` of the held-out windows ``probe
+    [B, L]`` at step 0 and every ``snapshot_every`` steps. Returns ``(model, snapshots)`` with
+    ``snapshots[step]`` the trace at that step."""
+    from ..utils import seed_everything
+    from .training import train_lm
+    from .transformer import TransformerLM
+
+    seed_everything(seed)
+    model = TransformerLM(cfg).to(device)
+    probe = probe.to(device)
+    snapshots: dict[int, list[Tensor]] = {}
+
+    def snapshot(step: int, m: nn.Module) -> None:
+        snapshots[step] = routing_trace(m, probe)
+
+    train_lm(model, train_data.to(device), val_data=None if val_data is None else val_data.to(device),
+             steps=steps, batch_size=batch_size, seed=seed, eval_every=snapshot_every, eval_windows=16,
+             callback=snapshot, progress=False)
+    return model, snapshots
+
+
+def routing_summary(trace: list[Tensor], labels: Tensor, num_experts: int, label_names, *,
+                    seed: int = 0) -> list[dict[str, float]]:
+    """Chapter 9's measurements of one trained model, one dict per MoE layer of ``trace`` (from
+    :func:`routing_trace`; ``labels`` the token type of every traced token, same ``[B, L]`` shape).
+
+    Keys: ``purity`` (:func:`moe_lib.metrics.purity` of the top expert against the labels) and
+    ``purity, shuffled labels`` (the same routing against the labels permuted with ``seed``: what a router
+    blind to the labels scores); ``top choice repeats`` / ``either choice overlaps``
+    (:func:`consecutive_reuse`) and ``chance, real load`` (:func:`reuse_by_chance`'s ``first_marginal``);
+    and for each name ``n`` of ``label_names``, ``share on top expert: n`` — the share of that label's
+    tokens sent to its most used expert (NaN for a label absent from the trace).
+    """
+    from ..metrics import purity, specialisation
+
+    flat = labels.reshape(-1)
+    g = torch.Generator().manual_seed(seed)
+    shuffled = flat[torch.randperm(flat.numel(), generator=g)]
+    out = []
+    for experts in trace:
+        top = experts[..., 0].reshape(-1)
+        counts = specialisation(top, flat, num_experts, len(label_names))
+        row = {"purity": purity(counts),
+               "purity, shuffled labels": purity(specialisation(top, shuffled, num_experts, len(label_names)))}
+        reuse = consecutive_reuse(experts)
+        row["top choice repeats"] = reuse["first"]
+        row["chance, real load"] = reuse_by_chance(experts, num_experts)["first_marginal"]
+        if "any" in reuse:
+            row["either choice overlaps"] = reuse["any"]
+        totals = counts.sum(1)
+        for name, best, total in zip(label_names, counts.max(1).values.tolist(), totals.tolist()):
+            row[f"share on top expert: {name}"] = best / total if total else float("nan")
+        out.append(row)
+    return out
