@@ -33,10 +33,18 @@ def local_experts(d_in: int, d_out: int, num_experts: int, *, backend: str = "to
                     d_out=d_out, backend=backend)
 
 
-def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
-    """The back-propagation baseline of 1991: one hidden layer of logistic units, linear outputs."""
+#: Hidden activations :func:`mlp` accepts.
+MLP_ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+
+
+def mlp(d_in: int, hidden: int, d_out: int, *, activation: str = "sigmoid") -> nn.Sequential:
+    """The back-propagation baseline of 1991: one hidden layer of logistic units, linear outputs.
+
+    ``activation="tanh"`` gives the dense baseline of chapter 1 (same layers, same initialisation order).
+    """
     d_in, hidden, d_out = (check_int(n, v, minimum=1) for n, v in (("d_in", d_in), ("hidden", hidden), ("d_out", d_out)))
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.Sigmoid(), nn.Linear(hidden, d_out))
+    act = MLP_ACTIVATIONS[check_choice("activation", activation, tuple(MLP_ACTIVATIONS))]
+    return nn.Sequential(nn.Linear(d_in, hidden), act(), nn.Linear(hidden, d_out))
 
 
 def _is_dense_mixture(model: nn.Module) -> bool:
@@ -157,3 +165,19 @@ def expert_usage(layer: MoELayer, x: Tensor, labels: Tensor, num_classes: int | 
     active = torch.zeros(layer.num_experts, dtype=torch.bool)
     active[winner[top_p > threshold]] = True
     return counts, active
+
+
+@torch.no_grad()
+def top_expert_accuracy(layer: MoELayer, x: Tensor, labels: Tensor) -> tuple[float, float]:
+    """Accuracy of each case's top-ranked expert *alone*, and the gate's mean weight on that expert.
+
+    The classification twin of :func:`moe_lib.classic.top_expert_error`: the output of the expert with the
+    largest gate probability, without the blend. Experts that are local (each right on its own region)
+    keep the mixture's accuracy; experts that only work blended (cooperative training) lose it.
+    """
+    if not _is_dense_mixture(layer):
+        raise TypeError(f"top_expert_accuracy needs a MoELayer with router='dense', got {type(layer).__name__}")
+    p, o = gate_and_experts(layer, x)
+    top_p, top = p.max(dim=-1)
+    own = o[torch.arange(len(x), device=x.device), top]
+    return float((own.argmax(-1) == labels).float().mean()), float(top_p.mean())
