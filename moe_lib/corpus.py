@@ -193,3 +193,18 @@ def fixed_windows(data: Tensor, seq_len: int, max_windows: int | None = None) ->
     x = data[: count * seq_len].reshape(count, seq_len)
     y = data[1: count * seq_len + 1].reshape(count, seq_len)
     return x, y
+
+
+def spread_windows(data: Tensor, seq_len: int, count: int | None = None) -> tuple[Tensor, Tensor]:
+    """``count`` non-overlapping windows (inputs ``[W, L]``, targets ``[W, L]``) spread evenly over the whole
+    of ``data``: the windows of :func:`fixed_windows` (all of them), of which every ``≈ total/count``-th is
+    kept, first and last included. Unlike the first ``count`` windows, which for :func:`stdlib_corpus`'s
+    validation split all come from its first file or two, these sample every file. ``count=None`` (or a
+    count ≥ the number of windows) keeps them all: the whole split."""
+    x, y = fixed_windows(data, seq_len)
+    if count is None or check_int("count", count, minimum=1) >= x.shape[0]:
+        return x, y
+    if count == 1:
+        return x[:1], y[:1]
+    idx = torch.round(torch.arange(count, dtype=torch.float64) * ((x.shape[0] - 1) / (count - 1))).long()
+    return x[idx], y[idx]

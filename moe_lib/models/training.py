@@ -205,8 +205,9 @@ def steps_to_reach(history: LMHistory, target: float) -> float:
     """Training steps until the validation loss first reaches ``target``, linearly interpolated between the
     two evaluations that straddle it; ``nan`` if it never does.
 
-    This is the speed-up measure of Fedus et al. (2022, fig. 5): the steps a baseline needs to reach its
-    own final loss divided by the steps another model needs to reach the same loss.
+    This is the step-basis speed-up of Fedus et al. (2022, Figure 4 right; their Figure 5 is the wall-clock
+    version): the steps a baseline needs to reach its own final loss divided by the steps another model
+    needs to reach the same loss.
     """
     steps = [float(s) for s in history.eval_step]
     losses = [float(v) for v in history.val_loss]
