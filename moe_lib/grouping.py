@@ -14,7 +14,8 @@ the bookkeeping the chapter measures:
   and writes (materialised permuted copy, padded batch, intermediate activations, combine), and
   :func:`count_traffic`, which applies the same rule to the operations torch really runs;
 * :func:`grouped_flops` — useful versus executed FLOPs of the expert FFN;
-* :func:`wall_time` — a small wall-clock timer.
+* :func:`wall_time` — a small wall-clock timer; :func:`wall_times` its raw samples and :func:`median_iqr`
+  their median and quartiles.
 
 Counts are per-expert row counts ``n_e`` (``DispatchPlan.counts``), as a tensor or any sequence of ints.
 """
@@ -375,3 +376,36 @@ def wall_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, devic
         times.append(time.perf_counter() - start)
     return min(times) if statistic == "min" else statistics.median(times)
 
+
+
+def wall_times(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, device=None) -> list[float]:
+    """Wall-clock seconds of each of ``repeats`` calls of ``fn()`` after ``warmup`` untimed calls — the raw
+    samples behind :func:`wall_time`, for reporting a spread (:func:`median_iqr`) instead of one number.
+    With a CUDA ``device`` the clock starts and stops on a synchronised device."""
+    repeats = check_int("repeats", repeats, minimum=1)
+    warmup = check_int("warmup", warmup, minimum=0)
+    cuda = device is not None and torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median_iqr(times) -> tuple[float, float, float]:
+    """``(median, q1, q3)`` of timing samples: the median and the first and third quartiles (linear
+    interpolation between order statistics, NumPy's default), the spread the book shows beside a CPU time."""
+    import numpy as np
+
+    values = np.asarray(list(times), dtype=float)
+    if values.size == 0 or not np.isfinite(values).all():
+        raise ValueError(f"times must be a non-empty sequence of finite numbers, got {values.tolist()}")
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return float(median), float(q1), float(q3)

@@ -31,6 +31,7 @@ an evaluation-mode property.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 import warnings
@@ -451,22 +452,38 @@ def equivalence(block: nn.Module, hidden_states: Tensor, converted: ConvertedMoE
 
 @torch.no_grad()
 def time_implementations(block: nn.Module, hidden_states: Tensor, backends=("loop", "torch"),
-                         hf_implementations=("eager", "batched_mm", "grouped_mm"), repeats: int = 5) -> list[dict]:
+                         hf_implementations=("eager", "batched_mm", "grouped_mm"), repeats: int = 5,
+                         quartiles: bool = False) -> list[dict]:
     """Median wall time of one forward pass of the Hugging Face ``block`` (each of its
     ``experts_implementation`` kernels that runs here) and of its conversion on each moe_lib backend.
 
     Returns one dict per implementation: ``implementation``, ``median_ms``, ``rel_error`` (output vs the
     block's eager output). An implementation that raises on this machine is reported with
     ``median_ms = nan`` and the error's type in ``note``. One warm-up call precedes the timed ones.
+    With ``quartiles=True`` each row also holds ``q1_ms`` and ``q3_ms``, the first and third quartiles of
+    the ``repeats`` calls (their difference is the interquartile range, the spread to show beside a median).
     """
+    last: list[float] = []                      # the samples of the latest timed() call
+
     def timed(fn) -> float:
+        last.clear()
         fn()
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
+        last.extend(times)
         return 1e3 * statistics.median(times)
+
+    def spread(row: dict) -> dict:
+        if quartiles:
+            if math.isnan(row["median_ms"]) or not last:
+                row.update(q1_ms=float("nan"), q3_ms=float("nan"))
+            else:
+                q = statistics.quantiles(last, n=4, method="inclusive") if len(last) > 1 else [last[0]] * 3
+                row.update(q1_ms=1e3 * q[0], q3_ms=1e3 * q[2])
+        return row
 
     rows = []
     experts_config = getattr(block.experts, "config", None)
@@ -480,11 +497,11 @@ def time_implementations(block: nn.Module, hidden_states: Tensor, backends=("loo
                 out = block(hidden_states)
                 out = out[0] if isinstance(out, tuple) else out
                 reference = out if reference is None else reference
-                rows.append({"implementation": f"HF {impl}", "median_ms": timed(lambda: block(hidden_states)),
-                             "rel_error": relative_error(out, reference), "note": ""})
+                rows.append(spread({"implementation": f"HF {impl}", "median_ms": timed(lambda: block(hidden_states)),
+                                    "rel_error": relative_error(out, reference), "note": ""}))
             except Exception as exc:  # noqa: BLE001 - a kernel this CPU/torch build lacks
-                rows.append({"implementation": f"HF {impl}", "median_ms": float("nan"),
-                             "rel_error": float("nan"), "note": type(exc).__name__})
+                rows.append(spread({"implementation": f"HF {impl}", "median_ms": float("nan"),
+                                    "rel_error": float("nan"), "note": type(exc).__name__}))
     finally:
         if experts_config is not None:
             experts_config._experts_implementation = original
@@ -492,8 +509,8 @@ def time_implementations(block: nn.Module, hidden_states: Tensor, backends=("loo
     for backend in backends:
         converted.backend = backend
         out = converted(hidden_states)
-        rows.append({"implementation": f"moe_lib {backend}", "median_ms": timed(lambda: converted(hidden_states)),
-                     "rel_error": relative_error(out, reference), "note": ""})
+        rows.append(spread({"implementation": f"moe_lib {backend}", "median_ms": timed(lambda: converted(hidden_states)),
+                            "rel_error": relative_error(out, reference), "note": ""}))
     return rows
 
 
