@@ -7,13 +7,16 @@
 * :mod:`~moe_lib.practice.merge` — several dense models merged into one MoE whose gate vectors are each
   source domain's mean hidden state (the "hidden" gate recipe behind Phixtral and SegMoE).
 """
-from .finetune import (PARAMETER_ROLES, DropoutExperts, add_expert_dropout, expert_utilisation, finetune_lm, freeze_roles,
-                       parameter_roles, role_counts, router_drift, top_expert_assignments)
-from .merge import ffn_inputs, gate_vectors_from_hidden, merge_into_moe
-from .upcycle import upcycle, upcycle_ffn
+from .finetune import (PARAMETER_ROLES, DropoutExperts, add_expert_dropout, expert_utilisation, finetune_lm,
+                       finetune_recipes, freeze_roles, parameter_roles, per_seed_values, role_counts, router_drift,
+                       top_expert_assignments)
+from .merge import (domain_subset, ffn_inputs, gate_vectors_from_hidden, merge_finetunes, merge_into_moe,
+                    merge_task_experts)
+from .upcycle import UpcyclingRun, upcycle, upcycle_ffn, upcycling_comparison
 
 __all__ = [
     "PARAMETER_ROLES", "parameter_roles", "role_counts", "freeze_roles", "DropoutExperts", "add_expert_dropout",
-    "top_expert_assignments", "router_drift", "expert_utilisation", "finetune_lm",
-    "upcycle", "upcycle_ffn", "merge_into_moe", "gate_vectors_from_hidden", "ffn_inputs",
+    "top_expert_assignments", "router_drift", "expert_utilisation", "finetune_lm", "finetune_recipes",
+    "per_seed_values", "upcycle", "upcycle_ffn", "upcycling_comparison", "UpcyclingRun", "merge_into_moe",
+    "gate_vectors_from_hidden", "ffn_inputs", "domain_subset", "merge_finetunes", "merge_task_experts",
 ]

@@ -2,7 +2,7 @@
 
 ST-MoE (Zoph et al. 2022, §4.2–4.3) fine-tunes sparse models by updating subsets of their parameters —
 all, only the non-MoE parameters, only the MoE parameters, everything but the router — and adds more
-dropout inside the experts ("expert dropout", Fedus et al. 2022, §4.2). This module names the three roles a
+dropout inside the experts ("expert dropout", Fedus et al. 2022, §2.4 and table 4). This module names the three roles a
 parameter of a mixture-of-experts model can play:
 
 * ``"router"`` — the gate of every :class:`~moe_lib.MoELayer` (``layer.router``);
@@ -55,8 +55,7 @@ def role_counts(model: nn.Module, trainable_only: bool = False) -> dict[str, int
 def freeze_roles(model: nn.Module, train: Iterable[str] = PARAMETER_ROLES) -> dict[str, int]:
     """Train only the parameters whose role is in ``train``; freeze (``requires_grad=False``) the rest.
 
-    ST-MoE's fine-tuning ablation (Zoph et al. 2022, table 5 / fig. 6): ``train=("router", "non_expert")``
-    ``train=("non_expert",)`` updates only the non-MoE
+    ST-MoE's fine-tuning ablation (Zoph et al. 2022, §4.2 and fig. 5): ``train=("non_expert",)`` updates only the non-MoE
     parameters, ``train=("experts",)`` only the MoE parameters, ``train=("experts", "non_expert")`` freezes
     the router. Returns the trainable parameter count per role.
 
@@ -75,8 +74,8 @@ def freeze_roles(model: nn.Module, train: Iterable[str] = PARAMETER_ROLES) -> di
 
 class DropoutExperts(ExpertBank):
     """An expert bank with dropout on each expert's hidden activations during training ("expert
-    dropout": Fedus et al. 2022, §4.2 fine-tune with dropout 0.1 outside and 0.4 inside the experts;
-    ST-MoE, Zoph et al. 2022, table 14).
+    dropout": Fedus et al. 2022, §2.4 and table 4 fine-tune with dropout 0.1 outside and 0.4 inside the experts;
+    ST-MoE, Zoph et al. 2022, fig. 4).
 
     Wraps a ``swiglu``, ``glu`` or ``mlp`` bank **without copying it**: the wrapped bank's parameters are the
     parameters (``self.bank``), so an optimiser keeps updating the same tensors. In evaluation mode the
@@ -216,3 +215,42 @@ def finetune_lm(pretrained: nn.Module, train_data: Tensor, val_data: Tensor, *, 
         out["drift"] = float(router_drift(before, top_expert_assignments(model, probe)).mean())
         out["utilisation"] = expert_utilisation(model, probe)
     return out
+
+
+def finetune_recipes(pretrained: dict, recipes: dict, train_data: Tensor, val_data: Tensor, *, seed: int = 0,
+                     **common) -> dict[str, dict]:
+    """Run several fine-tuning recipes, each from a copy of a pre-trained model, with the same seed.
+
+    ``pretrained`` maps a model name to a pre-trained :class:`~moe_lib.models.TransformerLM`; ``recipes``
+    maps a recipe name to ``(model name, finetune_lm keyword arguments)``; ``common`` holds keyword arguments
+    shared by every recipe (``steps``, ``batch_size``, ``probe``, ...; a recipe's own arguments win). Each
+    recipe re-seeds the global RNGs (:func:`moe_lib.seed_everything`) and passes ``seed`` to
+    :func:`finetune_lm`, so every recipe sees the same batches: recipes differ only in what they change,
+    and a recipe's result does not depend on which recipes ran before it.
+
+    Returns ``{recipe name: finetune_lm result}`` in ``recipes``' order.
+    """
+    from ..utils import seed_everything
+
+    if not isinstance(recipes, dict) or not recipes:
+        raise ValueError("recipes must be a non-empty dict: name -> (model name, finetune_lm kwargs)")
+    out = {}
+    for name, (base, kwargs) in recipes.items():
+        if base not in pretrained:
+            raise KeyError(f"recipe {name!r} names model {base!r}, not one of {list(pretrained)}")
+        seed_everything(seed)
+        out[name] = finetune_lm(pretrained[base], train_data, val_data, seed=seed, **{**common, **kwargs})
+    return out
+
+
+def per_seed_values(runs_by_seed: list[dict], key: str) -> dict[str, list[float]]:
+    """``{recipe: [runs[recipe][key] for each seed]}`` from a list (one entry per seed, same recipes) of
+    :func:`finetune_recipes` results: the per-seed values that :mod:`moe_lib.stats` summarises and compares
+    (paired: entry ``i`` of every recipe comes from seed ``i``)."""
+    if not runs_by_seed:
+        raise ValueError("runs_by_seed must hold one finetune_recipes result per seed")
+    names = list(runs_by_seed[0])
+    for i, runs in enumerate(runs_by_seed):
+        if list(runs) != names:
+            raise ValueError(f"seed entry {i} has recipes {list(runs)}, entry 0 has {names}")
+    return {name: [float(runs[name][key]) for runs in runs_by_seed] for name in names}

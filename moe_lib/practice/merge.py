@@ -151,3 +151,76 @@ def merge_into_moe(models: Sequence[nn.Module], gate_vectors, *, top_k: int = 1,
 
 def first_param_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def domain_subset(data, domains: Sequence[int]):
+    """The examples of a :class:`~moe_lib.tasks.TaskData` whose domain is in ``domains`` (in their order in
+    ``data``): the training set of a source model fine-tuned on a group of domains, or the test set of one
+    group."""
+    from ..tasks import TaskData
+
+    if not isinstance(data, TaskData):
+        raise TypeError(f"data must be a moe_lib.tasks.TaskData, got {type(data).__name__}")
+    if isinstance(domains, (int, str)) or len(domains) == 0:
+        raise ValueError(f"domains must be a non-empty sequence of domain ids, got {domains!r}")
+    keep = torch.isin(data.domain, torch.as_tensor(list(domains), dtype=data.domain.dtype, device=data.domain.device))
+    return TaskData(data.x[keep], data.y[keep], data.domain[keep], data.token_ids[keep])
+
+
+def merge_finetunes(base: TransformerLM, domains: dict, *, steps: int = 60, batch_size: int = 8, lr: float = 1e-3,
+                    seed: int = 0, gate_windows: int = 16) -> dict:
+    """The Phixtral recipe on language models, for one seed: fine-tune a copy of ``base`` on each domain, then
+    merge the fine-tunes into a top-1 MoE whose gates are each domain's mean hidden state in ``base``.
+
+    ``domains`` maps a domain name to ``(train tokens, val tokens)``. Each source is
+    :func:`~moe_lib.practice.finetune_lm` (all parameters, ``steps``, ``batch_size``, ``lr``, ``seed``; the
+    global RNGs re-seeded before each); the gate vectors of each layer are :func:`gate_vectors_from_hidden`
+    of :func:`ffn_inputs` of ``base`` on the first ``gate_windows`` training windows of each domain. Returns
+    ``{"base", "<domain> fine-tune" for each domain, "merged (base non-FFN)", "merged (mean non-FFN)"}`` →
+    model: the two merges keep the base's or the sources' element-wise mean non-FFN parameters.
+    """
+    from ..corpus import fixed_windows
+    from ..utils import seed_everything
+    from .finetune import finetune_lm
+
+    if not isinstance(domains, dict) or len(domains) < 2:
+        raise ValueError("domains must map at least two domain names to (train, val) token tensors")
+    sources = {}
+    for name, (train, val) in domains.items():
+        seed_everything(seed)
+        sources[name] = finetune_lm(base, train, val, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                                    eval_windows=32)["model"]
+    seq_len = base.cfg.seq_len
+    hidden = [ffn_inputs(base, fixed_windows(train, seq_len, gate_windows)[0]) for train, _ in domains.values()]
+    gates = torch.stack([gate_vectors_from_hidden([h[layer] for h in hidden]) for layer in range(base.cfg.n_layers)])
+    return {"base": base, **{f"{name} fine-tune": m for name, m in sources.items()},
+            "merged (base non-FFN)": merge_into_moe(list(sources.values()), gates, base=base),
+            "merged (mean non-FFN)": merge_into_moe(list(sources.values()), gates)}
+
+
+def merge_task_experts(train, groups: Sequence[Sequence[int]], make_model, *, steps: int = 300, lr: float = 3e-3,
+                       seed: int = 0) -> dict:
+    """The SegMoE analogue on a :class:`~moe_lib.tasks.TaskModel`, for one seed: train a single-expert
+    ``base = make_model()`` on all of ``train``; fine-tune a copy on each group of domains with only its FFN
+    trainable (:func:`~moe_lib.practice.freeze_roles`), so the sources share everything else; merge their
+    FFNs into one top-1 MoE whose gates are each group's mean hidden state in ``base``.
+
+    Returns ``{"base": model, "sources": [model per group], "merged": model}``.
+    """
+    from ..training import fit_classifier
+    from ..utils import seed_everything
+    from .finetune import freeze_roles
+
+    seed_everything(seed)
+    base = make_model()
+    fit_classifier(base, train.x, train.y, steps=steps, lr=lr, seed=seed)
+    sources = []
+    for g in groups:
+        model = make_model()
+        model.load_state_dict(base.state_dict())  # a copy of the trained base
+        freeze_roles(model, ["experts"])
+        part = domain_subset(train, g)
+        fit_classifier(model, part.x, part.y, steps=steps, lr=lr, seed=seed)
+        sources.append(model)
+    gates = gate_vectors_from_hidden([ffn_inputs(base, domain_subset(train, g).x)[0] for g in groups])
+    return {"base": base, "sources": sources, "merged": merge_into_moe(sources, gates)}

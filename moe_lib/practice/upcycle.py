@@ -79,3 +79,79 @@ def upcycle(dense: TransformerLM, num_experts: int = 8, top_k: int = 2, *, route
             block_m.ffn.moe.experts.load_state_dict(up.experts.state_dict())
             nn.init.normal_(block_m.ffn.moe.router.gate.weight, std=router_std)
     return moe
+
+
+@dataclasses.dataclass
+class UpcyclingRun:
+    """One training run of :func:`upcycling_comparison`: the trained ``model``, its validation-loss curve
+    (``losses`` at cumulative training FLOPs ``flops``, both NumPy arrays, the first point at the run's
+    start) and its number of training ``steps``."""
+
+    model: TransformerLM
+    flops: "np.ndarray"
+    losses: "np.ndarray"
+    steps: int
+
+
+def upcycling_comparison(train_data: torch.Tensor, val_data: torch.Tensor, dense_cfg, *, dense_steps: int,
+                         extra_steps: int, num_experts: int = 4, top_k: int = 2, batch_size: int = 16,
+                         extra_lr: float = 1e-3, seed: int = 0, eval_every: int = 20) -> dict:
+    """Sparse upcycling against its two baselines **at matched training FLOPs**, for one seed.
+
+    A dense :class:`~moe_lib.models.TransformerLM` (``dense_cfg``) is pre-trained for ``dense_steps`` steps;
+    then, from it,
+
+    * ``"upcycled"``: :func:`upcycle` (``num_experts``, ``top_k``) trained ``extra_steps`` more steps;
+    * ``"dense continued"``: a copy of the dense model trained for as many steps as cost the upcycled run's
+      extra FLOPs (``round(extra_steps · F_moe / F_dense)``, with the same schedule and peak ``extra_lr``);
+    * ``"from scratch"``: an MoE of the upcycled model's shape from random weights, trained for as many steps
+      as cost the upcycled run's **total** FLOPs, dense pre-training included
+      (``round((dense_steps · F_dense + extra_steps · F_moe) / F_moe)``, the default peak learning rate).
+
+    ``F`` is forward FLOPs per token counted by :func:`moe_lib.models.flops_per_token`; a training step costs
+    ``3 · F · batch_size · seq_len`` (forward plus a backward of about twice the forward). Matching the FLOPs
+    to the step makes the three runs differ by at most half a step's cost. ``seed`` seeds the weights, the
+    batches and (``seed + 1``) the new routers.
+
+    Returns ``{"dense", "dense continued", "upcycled", "from scratch"}`` → :class:`UpcyclingRun` (the
+    ``"dense"`` run is the pre-training all others but ``"from scratch"`` start from), plus ``"flops per
+    token"``: ``{"dense": F_dense, "moe": F_moe}``.
+    """
+    import copy
+
+    import numpy as np
+
+    from ..models import flops_per_token, train_lm
+    from ..utils import seed_everything
+
+    dense_steps = check_int("dense_steps", dense_steps, minimum=1)
+    extra_steps = check_int("extra_steps", extra_steps, minimum=1)
+    device = train_data.device
+    seed_everything(seed)
+    dense = TransformerLM(dense_cfg).to(device)
+    hist = train_lm(dense, train_data, steps=dense_steps, batch_size=batch_size, seed=seed, val_data=val_data,
+                    eval_every=eval_every, progress=False)
+    seed_everything(seed + 1)
+    upcycled = upcycle(dense, num_experts, top_k)
+    f = {"dense": flops_per_token(dense), "moe": flops_per_token(upcycled)}
+    per_step = {k: 3 * v * batch_size * dense_cfg.seq_len for k, v in f.items()}
+    pre_flops = dense_steps * per_step["dense"]
+    runs = {"dense": UpcyclingRun(dense, np.asarray(hist.eval_step) * per_step["dense"], np.asarray(hist.val_loss),
+                                  dense_steps)}
+    continued_steps = round(extra_steps * f["moe"] / f["dense"])
+    for name, start, steps, kind in [("dense continued", dense, continued_steps, "dense"),
+                                     ("upcycled", upcycled, extra_steps, "moe")]:
+        model = copy.deepcopy(start)
+        h = train_lm(model, train_data, steps=steps, batch_size=batch_size, lr=extra_lr, seed=seed + 1,
+                     val_data=val_data, eval_every=eval_every, progress=False)
+        runs[name] = UpcyclingRun(model, pre_flops + np.asarray(h.eval_step) * per_step[kind],
+                                  np.asarray(h.val_loss), steps)
+    scratch_steps = round((pre_flops + extra_steps * per_step["moe"]) / per_step["moe"])
+    seed_everything(seed)
+    scratch = TransformerLM(dataclasses.replace(upcycled.cfg, name="MoE from scratch")).to(device)
+    h = train_lm(scratch, train_data, steps=scratch_steps, batch_size=batch_size, seed=seed, val_data=val_data,
+                 eval_every=eval_every, progress=False)
+    runs["from scratch"] = UpcyclingRun(scratch, np.asarray(h.eval_step) * per_step["moe"], np.asarray(h.val_loss),
+                                        scratch_steps)
+    runs["flops per token"] = f
+    return runs
