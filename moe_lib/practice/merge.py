@@ -1,7 +1,8 @@
 """Merging dense models into one mixture of experts, with gates from each domain's hidden states.
 
-The recipe behind Phixtral (several fine-tuned Phi-2 models) and SegMoE (Stable Diffusion models), as
-implemented by mergekit's ``mergekit-moe`` with ``gate_mode: hidden``: take ``E`` dense models that share
+The recipe of mergekit's ``mergekit-moe`` (the tool behind Phixtral, several fine-tuned Phi-2 models, whose
+model card lists ``gate_mode: cheap_embed`` with empty prompts) with ``gate_mode: hidden``, also the idea of
+SegMoE (Stable Diffusion models): take ``E`` dense models that share
 an architecture (ideally fine-tuned from one base), make each one's FFN an expert of an MoE layer, keep one
 copy of everything else, and set the router's gate vector for expert ``i`` at each layer to the mean hidden
 state, at that layer's FFN input, of prompts from domain ``i``. A token is then sent to the expert whose
@@ -169,7 +170,7 @@ def domain_subset(data, domains: Sequence[int]):
 
 def merge_finetunes(base: TransformerLM, domains: dict, *, steps: int = 60, batch_size: int = 8, lr: float = 1e-3,
                     seed: int = 0, gate_windows: int = 16) -> dict:
-    """The Phixtral recipe on language models, for one seed: fine-tune a copy of ``base`` on each domain, then
+    """The mergekit-moe recipe (``gate_mode: hidden``) on language models, for one seed: fine-tune a copy of ``base`` on each domain, then
     merge the fine-tunes into a top-1 MoE whose gates are each domain's mean hidden state in ``base``.
 
     ``domains`` maps a domain name to ``(train tokens, val tokens)``. Each source is
