@@ -59,14 +59,15 @@ test-unit: install
 	$(PY) -m pytest tests -m "not notebooks and not browser and not portability" -n $(JOBS)
 
 # (b) strict nbval: a fresh run of every notebook in _toc.yml, in the moe-book kernel, must print what
-#     the notebook stores. Outside the reproducibility contract (not Linux x86-64 with AVX2: ARM, macOS)
-#     the outputs are not comparable: every notebook still runs and must not fail (--nbval-lax).
+#     the notebook stores. Outside the reproducibility contract (not Linux x86-64 with AVX2: ARM, macOS;
+#     or a CPU of another vendor than the one that computed the stored outputs) the outputs are not
+#     comparable: every notebook still runs and must not fail (--nbval-lax).
 NBVAL = $(PY) -m pytest -p no:cacheprovider --nbval-kernel-name moe-book --nbval-cell-timeout=300 \
         --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 test-nbval: install
 	nbs="$$($(PY) scripts/toc_notebooks.py)" && \
-	if $(PY) -m moe_lib.reproducibility contract; then mode=--nbval; \
+	if $(PY) -m moe_lib.reproducibility contract $$nbs; then mode=--nbval; \
 	else mode=--nbval-lax; echo "test-nbval: outputs NOT compared on this machine; notebooks executed only"; fi && \
 	$(NBVAL) $$mode -n $(JOBS) --dist loadfile --durations=15 $$nbs
 

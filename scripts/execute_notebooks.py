@@ -7,7 +7,9 @@ top to bottom with nbclient in its own folder (the working directory is the note
 ``moe-book`` kernel (the reproducible CPU profile of ``moe_lib/reproducibility.py``, installed into
 ``.venv`` by ``make install``; the notebook's kernelspec metadata is set to it), with a timeout of 300 s
 per cell. Cell metadata (tags such as ``parameters`` or ``nbval-ignore-output``) is
-kept. A notebook whose execution fails is left untouched on disk and the script exits non-zero.
+kept; the notebook's metadata records the CPU the outputs were computed on (``moe_book.cpu_vendor``: strict
+nbval compares them only on a CPU of that vendor). A notebook whose execution fails is left untouched on
+disk and the script exits non-zero.
 
 Usage::
 
@@ -30,7 +32,12 @@ import nbformat  # noqa: E402
 from nbclient import NotebookClient  # noqa: E402
 from nbclient.exceptions import CellExecutionError  # noqa: E402
 
-from moe_lib.reproducibility import KERNEL_DISPLAY_NAME, KERNEL_NAME  # noqa: E402
+from moe_lib.reproducibility import (  # noqa: E402
+    KERNEL_DISPLAY_NAME,
+    KERNEL_NAME,
+    OUTPUTS_METADATA_KEY,
+    generated_on,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toc_notebooks import TocError, toc_notebooks  # noqa: E402
@@ -54,6 +61,9 @@ def execute_in_place(path: Path, timeout: int = TIMEOUT_S, kernel_name: str = KE
     start = time.perf_counter()
     client.execute()
     elapsed = time.perf_counter() - start
+    # The CPU vendor that computed these outputs: the reproducibility contract compares them only on a
+    # machine of the same vendor (moe_lib.reproducibility.contract).
+    nb.metadata[OUTPUTS_METADATA_KEY] = generated_on()
     nbformat.validate(nb)
     nbformat.write(nb, path)
     return elapsed

@@ -51,6 +51,55 @@ def test_contract(system, machine, flags, mkl, holds, says):
     assert says in verdict.reason
 
 
+@pytest.mark.parametrize("vendor, outputs_from, holds", [
+    ("GenuineIntel", "GenuineIntel", True),
+    ("AuthenticAMD", "AuthenticAMD", True),
+    ("AuthenticAMD", "GenuineIntel", False),  # measured: Intel-computed outputs differ on an AMD EPYC
+    ("GenuineIntel", "AuthenticAMD", False),
+    ("GenuineIntel", None, True),  # no notebook named: the machine alone
+])
+def test_contract_compares_outputs_only_on_their_vendor(vendor, outputs_from, holds):
+    verdict = repro.contract(system="Linux", machine="x86_64", cpu_flags=AVX2_FLAGS, mkl=True, vendor=vendor,
+                             outputs_from=outputs_from)
+    assert bool(verdict) is holds
+    if not holds:
+        assert outputs_from in verdict.reason and vendor in verdict.reason
+
+
+def test_cpu_vendor_reads_cpuinfo():
+    info = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n"
+    assert repro.cpu_vendor(info) == "AuthenticAMD"
+    assert repro.cpu_vendor("processor : 0\n") is None
+
+
+def _notebook(path, vendor):
+    meta = {} if vendor is None else {repro.OUTPUTS_METADATA_KEY: {"cpu_vendor": vendor, "cpu_model": "x"}}
+    path.write_text(json.dumps({"cells": [], "metadata": meta, "nbformat": 4, "nbformat_minor": 5}))
+    return path
+
+
+def test_outputs_vendor(tmp_path):
+    a = _notebook(tmp_path / "a.ipynb", "GenuineIntel")
+    b = _notebook(tmp_path / "b.ipynb", "GenuineIntel")
+    none = _notebook(tmp_path / "c.ipynb", None)
+    assert repro.outputs_vendor([a, b, none]) == "GenuineIntel"
+    assert repro.outputs_vendor([none]) is None
+    amd = _notebook(tmp_path / "d.ipynb", "AuthenticAMD")
+    with pytest.raises(ValueError, match="different vendors"):
+        repro.outputs_vendor([a, amd])
+
+
+def test_cli_contract_with_notebooks_of_another_vendor(tmp_path, capsys):
+    here = repro.cpu_vendor()
+    other = _notebook(tmp_path / "x.ipynb", "SomeOtherVendor")
+    status = repro.main(["contract", str(other)])
+    out = capsys.readouterr().out
+    if repro.contract():  # inside on its own: the vendor makes the difference
+        assert status == 1 and "SomeOtherVendor" in out and str(here) in out
+    mine = _notebook(tmp_path / "y.ipynb", here)
+    assert repro.main(["contract", str(mine)]) == (0 if repro.contract() else 1)
+
+
 def test_install_kernel_writes_the_profile(tmp_path):
     folder = repro.install_kernel(tmp_path)
     assert folder == repro.kernel_dir(tmp_path)
