@@ -95,7 +95,8 @@ class UpcyclingRun:
 
 def upcycling_comparison(train_data: torch.Tensor, val_data: torch.Tensor, dense_cfg, *, dense_steps: int,
                          extra_steps: int, num_experts: int = 4, top_k: int = 2, batch_size: int = 16,
-                         extra_lr: float = 1e-3, seed: int = 0, eval_every: int = 20) -> dict:
+                         extra_lr: float = 1e-3, seed: int = 0, eval_every: int = 20,
+                         eval_windows: int = 32) -> dict:
     """Sparse upcycling against its two baselines **at matched training FLOPs**, for one seed.
 
     A dense :class:`~moe_lib.models.TransformerLM` (``dense_cfg``) is pre-trained for ``dense_steps`` steps;
@@ -111,7 +112,8 @@ def upcycling_comparison(train_data: torch.Tensor, val_data: torch.Tensor, dense
     ``F`` is forward FLOPs per token counted by :func:`moe_lib.models.flops_per_token`; a training step costs
     ``3 · F · batch_size · seq_len`` (forward plus a backward of about twice the forward). Matching the FLOPs
     to the step makes the three runs differ by at most half a step's cost. ``seed`` seeds the weights, the
-    batches and (``seed + 1``) the new routers.
+    batches and (``seed + 1``) the new routers. Every run's curve is evaluated every ``eval_every`` steps on
+    the first ``eval_windows`` validation windows (``train_lm``), so its last point is the final loss on them.
 
     Returns ``{"dense", "dense continued", "upcycled", "from scratch"}`` → :class:`UpcyclingRun` (the
     ``"dense"`` run is the pre-training all others but ``"from scratch"`` start from), plus ``"flops per
@@ -130,7 +132,7 @@ def upcycling_comparison(train_data: torch.Tensor, val_data: torch.Tensor, dense
     seed_everything(seed)
     dense = TransformerLM(dense_cfg).to(device)
     hist = train_lm(dense, train_data, steps=dense_steps, batch_size=batch_size, seed=seed, val_data=val_data,
-                    eval_every=eval_every, progress=False)
+                    eval_every=eval_every, eval_windows=eval_windows, progress=False)
     seed_everything(seed + 1)
     upcycled = upcycle(dense, num_experts, top_k)
     f = {"dense": flops_per_token(dense), "moe": flops_per_token(upcycled)}
@@ -143,14 +145,14 @@ def upcycling_comparison(train_data: torch.Tensor, val_data: torch.Tensor, dense
                                      ("upcycled", upcycled, extra_steps, "moe")]:
         model = copy.deepcopy(start)
         h = train_lm(model, train_data, steps=steps, batch_size=batch_size, lr=extra_lr, seed=seed + 1,
-                     val_data=val_data, eval_every=eval_every, progress=False)
+                     val_data=val_data, eval_every=eval_every, eval_windows=eval_windows, progress=False)
         runs[name] = UpcyclingRun(model, pre_flops + np.asarray(h.eval_step) * per_step[kind],
                                   np.asarray(h.val_loss), steps)
     scratch_steps = round((pre_flops + extra_steps * per_step["moe"]) / per_step["moe"])
     seed_everything(seed)
     scratch = TransformerLM(dataclasses.replace(upcycled.cfg, name="MoE from scratch")).to(device)
     h = train_lm(scratch, train_data, steps=scratch_steps, batch_size=batch_size, seed=seed, val_data=val_data,
-                 eval_every=eval_every, progress=False)
+                 eval_every=eval_every, eval_windows=eval_windows, progress=False)
     runs["from scratch"] = UpcyclingRun(scratch, np.asarray(h.eval_step) * per_step["moe"], np.asarray(h.val_loss),
                                         scratch_steps)
     runs["flops per token"] = f
