@@ -199,7 +199,7 @@ class Verdict:
 
 def compare(a, b, *, names: tuple[str, str] = ("A", "B"), lower_is_better: bool = True,
             paired: bool = True) -> Verdict:
-    """Compare method ``a`` with method ``b`` (per-seed values or :class:`Summary`s) and give a verdict.
+    """Compare method ``a`` with method ``b`` (per-seed values, or :class:`Summary` objects) and give a verdict.
 
     ``paired=True`` (the default) requires the same number of values, seed ``i`` of ``a`` matched with
     seed ``i`` of ``b``; the interval is the 95 % t-interval of the differences. ``paired=False`` uses
