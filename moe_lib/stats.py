@@ -180,6 +180,14 @@ class Verdict:
     def significant(self) -> bool:
         return self.winner is not None
 
+    @property
+    def outcome(self) -> str:
+        """The verdict from the first method's side: ``"better"``, ``"worse"`` or ``"within noise"`` (the cell
+        of a comparison table's "vs reference" column)."""
+        if self.winner is None:
+            return "within noise"
+        return "better" if self.winner == self.names[0] else "worse"
+
     def short(self) -> str:
         """``"A better"``, ``"B better"`` or ``"within noise"``: a table cell."""
         return "within noise" if self.winner is None else f"{self.winner} better"
@@ -246,9 +254,7 @@ def table(results: Mapping[str, Iterable[float] | Summary], *, decimals: int = 3
             if name == reference:
                 row[f"vs {reference}"] = "reference"
             else:
-                v = compare(s, sums[reference], names=(name, reference), lower_is_better=lower_is_better,
-                            paired=paired)
-                row[f"vs {reference}"] = ("within noise" if v.winner is None
-                                          else "better" if v.winner == name else "worse")
+                row[f"vs {reference}"] = compare(s, sums[reference], names=(name, reference),
+                                                 lower_is_better=lower_is_better, paired=paired).outcome
         rows[name] = row
     return pd.DataFrame.from_dict(rows, orient="index")

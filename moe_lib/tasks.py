@@ -261,7 +261,7 @@ def summary_table(results, metrics, *, reference: str | None = None, verdicts=No
             if name == reference:
                 row[column] = "reference"
             else:
-                v = compare(res[m], results[reference][m], names=(name, reference), lower_is_better=lower)
-                row[column] = "within noise" if v.winner is None else "better" if v.winner == name else "worse"
+                row[column] = compare(res[m], results[reference][m], names=(name, reference),
+                                      lower_is_better=lower).outcome
         rows[name] = row
     return pd.DataFrame.from_dict(rows, orient="index")

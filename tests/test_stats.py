@@ -168,3 +168,11 @@ def test_summarize_curves_and_band():
     line = mean_band(ax, [0, 1, 2], curves, label="moe")
     assert line.get_label() == "moe (n=2)" and len(ax.collections) == 1
     plt.close(fig)
+
+
+def test_outcome_reads_from_the_first_methods_side():
+    low, high = [0.50, 0.51, 0.52], [0.60, 0.61, 0.62]
+    assert compare(low, high, names=("a", "b")).outcome == "better"
+    assert compare(high, low, names=("b", "a")).outcome == "worse"
+    assert compare(low, high, names=("a", "b"), lower_is_better=False).outcome == "worse"
+    assert compare(low, [0.51, 0.50, 0.52], names=("a", "b")).outcome == "within noise"

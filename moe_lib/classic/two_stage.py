@@ -290,9 +290,8 @@ def recipe_summary(runs, column: str, sizes, *, reference: str, decimals: int = 
             if method == reference:
                 verdicts[method] = "reference"
             else:
-                winner = compare(vals, values[reference], names=(method, reference),
-                                 lower_is_better=lower_is_better).winner
-                verdicts[method] = "within noise" if winner is None else "better" if winner == method else "worse"
+                verdicts[method] = compare(vals, values[reference], names=(method, reference),
+                                           lower_is_better=lower_is_better).outcome
         table[f"n={n}"] = pd.Series(cells)
         table[f"vs reference, n={n}"] = pd.Series(verdicts)
     return pd.DataFrame(table)
