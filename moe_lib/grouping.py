@@ -357,23 +357,7 @@ def wall_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, devic
     call (``statistic="min"``, the least disturbed run on a shared machine) or the ``"median"``. With a
     CUDA ``device`` the clock starts and stops on a synchronised device (chapter 12 uses CUDA events)."""
     statistic = check_choice("statistic", statistic, ("min", "median"))
-    repeats = check_int("repeats", repeats, minimum=1)
-    warmup = check_int("warmup", warmup, minimum=0)
-    cuda = device is not None and torch.device(device).type == "cuda"
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
+    times = wall_times(fn, repeats=repeats, warmup=warmup, device=device)
     return min(times) if statistic == "min" else statistics.median(times)
 
 

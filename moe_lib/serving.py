@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -72,21 +71,18 @@ def time_decode(layer: nn.Module, d_model: int, batch_sizes: Iterable[int], repe
     the quartiles of the ``repeats`` times (their gap is the interquartile range: the timing noise).
     Wall-clock: tag notebook cells that print it ``nbval-ignore-output``.
     """
+    from .grouping import median_iqr, wall_times
+
     check_int("repeats", repeats, minimum=1)
     rows = []
     for b in batch_sizes:
         x = torch.randn(check_int("batch size", b, minimum=1), d_model, generator=generator)
-        layer(x)  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            layer(x)
-            times.append(time.perf_counter() - start)
+        times = wall_times(lambda: layer(x), repeats=repeats, warmup=1)
         ms = 1e3 * sorted(times)[len(times) // 2]
         row = {"batch": b, "ms": ms, "tokens_per_s": b / (ms / 1e3)}
         if spread:
-            q = torch.quantile(torch.tensor(times, dtype=torch.float64), torch.tensor([0.25, 0.75], dtype=torch.float64))
-            row.update(ms_p25=1e3 * float(q[0]), ms_p75=1e3 * float(q[1]))
+            _, q1, q3 = median_iqr(times)
+            row.update(ms_p25=1e3 * q1, ms_p75=1e3 * q3)
         rows.append(row)
     return rows
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 import warnings
 
 import torch
@@ -463,26 +462,21 @@ def time_implementations(block: nn.Module, hidden_states: Tensor, backends=("loo
     With ``quartiles=True`` each row also holds ``q1_ms`` and ``q3_ms``, the first and third quartiles of
     the ``repeats`` calls (their difference is the interquartile range, the spread to show beside a median).
     """
+    from ..grouping import median_iqr, wall_times
+
     last: list[float] = []                      # the samples of the latest timed() call
 
     def timed(fn) -> float:
-        last.clear()
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        last.extend(times)
-        return 1e3 * statistics.median(times)
+        last[:] = wall_times(fn, repeats=repeats, warmup=1)
+        return 1e3 * statistics.median(last)
 
     def spread(row: dict) -> dict:
         if quartiles:
             if math.isnan(row["median_ms"]) or not last:
                 row.update(q1_ms=float("nan"), q3_ms=float("nan"))
             else:
-                q = statistics.quantiles(last, n=4, method="inclusive") if len(last) > 1 else [last[0]] * 3
-                row.update(q1_ms=1e3 * q[0], q3_ms=1e3 * q[2])
+                _, q1, q3 = median_iqr(last)
+                row.update(q1_ms=1e3 * q1, q3_ms=1e3 * q3)
         return row
 
     rows = []
