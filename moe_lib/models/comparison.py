@@ -15,12 +15,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._validate import check_int
 from ..corpus import spread_windows
 from ..utils import seed_everything
-from .training import LMHistory, steps_to_reach, train_lm
+from .training import LMHistory, loss_on_windows, steps_to_reach, train_lm
 from .transformer import LMConfig, TransformerLM
 
 __all__ = ["SeedRun", "loss_on_windows", "train_over_seeds", "speedups"]
@@ -37,21 +37,6 @@ class SeedRun:
     history: LMHistory
     final_loss: float
     train_seconds: float
-
-
-@torch.no_grad()
-def loss_on_windows(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
-    """Mean next-token cross-entropy (nats) of ``model`` on the windows ``x`` → ``y`` (``[W, L]`` each)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for i in range(0, x.shape[0], batch_size):
-        logits = model(x[i:i + batch_size].to(device))
-        total += float(nn.functional.cross_entropy(logits.flatten(0, 1), y[i:i + batch_size].to(device).flatten(),
-                                                   reduction="sum"))
-    model.train(was_training)
-    return total / y.numel()
 
 
 def train_over_seeds(configs: Mapping[str, LMConfig], train_data: Tensor, val_data: Tensor, *,

@@ -47,23 +47,28 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 
 @torch.no_grad()
+def loss_on_windows(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
+    """Mean next-token cross-entropy (nats) of ``model`` on the windows ``x`` → ``y`` (``[W, L]`` each), in
+    evaluation mode, ``batch_size`` windows per forward pass."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(0, x.shape[0], batch_size):
+        logits = model(x[i:i + batch_size].to(device))
+        total += float(nn.functional.cross_entropy(logits.flatten(0, 1), y[i:i + batch_size].to(device).flatten(),
+                                                   reduction="sum"))
+    model.train(was_training)
+    return total / y.numel()
+
+
 def evaluate(model: nn.Module, data: Tensor, *, seq_len: int | None = None, batch_size: int = 32,
              max_windows: int | None = 64) -> dict[str, float]:
     """Mean next-byte cross-entropy (``loss``, nats) and ``bits_per_byte`` (= loss / ln 2 for a
     byte-level model) on the first ``max_windows`` non-overlapping windows of ``data``."""
     seq_len = model.cfg.seq_len if seq_len is None else seq_len
     x, y = fixed_windows(data, seq_len, max_windows)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, x.shape[0], batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-        logits = model(xb)
-        total += float(nn.functional.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="sum"))
-        count += yb.numel()
-    model.train(was_training)
-    loss = total / count
+    loss = loss_on_windows(model, x, y, batch_size=batch_size)
     return {"loss": loss, "bits_per_byte": loss / LN2}
 
 
