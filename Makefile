@@ -78,7 +78,7 @@ test-portability: install
 
 # (c) papermill: parameters cells, parameter injection, one notebook end to end with other values.
 test-papermill: install
-	$(PY) -m pytest tests -m notebooks
+	$(PY) -m pytest tests -m notebooks -n $(JOBS) --durations=10
 
 # (d) the book builds from the stored outputs with no warning (-W --keep-going).
 test-build: install

@@ -68,7 +68,7 @@ from .routers import (
     SwitchRouter,
     TopKRouter,
 )
-from .utils import count_flops, seed_everything
+from .utils import book_file, count_flops, resolve_device, seed_everything, to_device
 
 __version__ = "0.1.0"
 
@@ -82,7 +82,7 @@ __all__ = [
     "GroupLimitedRouter", "GroupCapacityRouter",
     "ExpertBank", "LinearExperts", "MLPExperts", "SwiGLUExperts", "GLUExperts",
     # interop, scale-out, helpers
-    "from_transformers", "ExpertParallelMoE", "count_flops", "seed_everything",
+    "from_transformers", "ExpertParallelMoE", "count_flops", "seed_everything", "resolve_device", "to_device", "book_file",
     # modules
     "applications", "backends", "business", "classic", "corpus", "data", "dispatch", "distributed", "experts", "interop",
     "losses", "metrics", "models", "practice", "routers", "serving", "tasks", "training", "utils",

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ._validate import check_int
+from .utils import book_file
 
 
 def expected_experts_touched(num_experts: int, top_k: int, batch: int | Tensor) -> float | Tensor:
@@ -156,14 +157,10 @@ def generate(model: nn.Module, prompt: Tensor, steps: int, max_len: int | None =
     return idx, trace
 
 
-def load_anchor(name: str = "h200_2026-11-28.json", start: str | Path = ".") -> dict | list:
-    """Read a committed measurement from ``benchmarks/anchors/`` (searched from ``start`` upwards)."""
-    here = Path(start).resolve()
-    for folder in (here, *here.parents):
-        path = folder / "benchmarks" / "anchors" / name
-        if path.exists():
-            return json.loads(path.read_text())
-    raise FileNotFoundError(f"benchmarks/anchors/{name} not found above {here}")
+def load_anchor(name: str = "h200_2026-11-28.json") -> dict | list:
+    """Read a committed measurement from ``benchmarks/anchors/`` of the book's checkout, whatever the
+    working directory (:func:`moe_lib.utils.book_file`)."""
+    return json.loads(book_file("benchmarks", "anchors", name).read_text())
 
 
 def random_trace(num_experts: int, top_k: int, batch: int, steps: int,

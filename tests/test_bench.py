@@ -325,7 +325,7 @@ def test_grouped_gemm_model_is_a_bound_on_dense():
 # ------------------------------------------------------------------------------- report on the anchors
 @pytest.fixture(scope="module")
 def anchors():
-    return R.load_all(Path(__file__).resolve().parent)
+    return R.load_all()
 
 
 def test_anchor_frame_reproduces_the_anchor_readme(anchors):

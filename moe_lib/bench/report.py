@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..utils import book_root
 from .shapes import SHAPES, Shape
 
 #: Display names, in the order tables and figures use.
@@ -118,15 +119,6 @@ def format_summary(result: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------ data frames
-def find_root(start: str | Path = ".") -> Path:
-    """The repository root: the first folder at or above ``start`` holding ``benchmarks/``."""
-    here = Path(start).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "benchmarks").is_dir():
-            return folder
-    raise FileNotFoundError(f"no benchmarks/ folder at or above {here}")
-
-
 def _date(path: Path) -> str | None:
     m = re.search(r"(\d{4}-\d{2}-\d{2})", path.name)
     return m.group(1) if m else None
@@ -210,7 +202,7 @@ def load_all(root: str | Path | None = None, results_glob: str = "h200_*.json"):
     ``{"source", "path", "kind", "date", "ceilings", "meta"}`` for each file read."""
     import pandas as pd
 
-    root = find_root(root or ".")
+    root = Path(root) if root is not None else book_root()
     frames, sources = [], []
     anchors = root / "benchmarks" / "anchors"
     for fwd_path in sorted(anchors.glob("h200_*.json")):

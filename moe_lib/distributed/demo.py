@@ -37,10 +37,13 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="run the checks and the traffic measurement for each of these seeds (overrides --seed)")
     parser.add_argument("--timeout-s", type=float, default=60.0)
+    parser.add_argument("--backend", choices=("gloo", "nccl"), default=None,
+                        help="process-group backend: gloo (CPU tensors) or nccl (one GPU per rank); "
+                             "default: nccl when CUDA is available, else gloo")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
-    init_distributed(timeout_s=args.timeout_s)
+    init_distributed(backend=args.backend, timeout_s=args.timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     seeds = [args.seed] if args.seeds is None else list(args.seeds)
     if len(set(seeds)) != len(seeds):
