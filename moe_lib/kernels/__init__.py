@@ -25,19 +25,23 @@ from ..grouping import max_tiles
 from . import reference
 from .config import BLOCK_M_CHOICES, block_m_for, interpreting
 
+# Only a missing triton package makes the kernels unavailable. Any other ImportError (one raised inside
+# triton, or by moe_lib's own kernel modules) propagates: it is a bug or a broken install, not an option.
 try:
     import triton  # noqa: F401
     import triton.language.standard as _tl_standard
     from triton.runtime.interpreter import InterpretedFunction as _Interpreted
-
+except ModuleNotFoundError as _err:  # pragma: no cover - exercised only without triton
+    if _err.name is None or _err.name.partition(".")[0] != "triton":
+        raise
+    _ops = None
+    _IMPORT_ERROR = _err
+else:
     if isinstance(_tl_standard.max, _Interpreted) != interpreting():
         raise ImportError("triton was imported before TRITON_INTERPRET was set; on a machine without CUDA set "
                           "TRITON_INTERPRET=1 before importing torch or triton (importing moe_lib first does it)")
     from . import ops as _ops
-except ImportError as _err:  # pragma: no cover - exercised only without triton
-    _ops = None
-    _IMPORT_ERROR = _err
-else:
+
     _IMPORT_ERROR = None
 
 IMPLS = ("triton", "torch")
