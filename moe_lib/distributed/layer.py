@@ -28,7 +28,7 @@ from .._validate import check_bool
 from ..backends import BACKENDS
 from ..dispatch import DispatchPlan, combine, make_plan
 from ..layer import MoELayer
-from ..losses import load_balancing_loss, router_z_loss
+from ..losses import importance_loss, load_balancing_loss, load_loss, router_z_loss
 from .comm import all_to_all, exchange_counts
 
 
@@ -100,6 +100,7 @@ class ExpertParallelMoE(nn.Module):
         self.capacity_factor = layer.capacity_factor
         self.backend = layer.backend
         self.aux_loss_coef, self.z_loss_coef = layer.aux_loss_coef, layer.z_loss_coef
+        self.importance_loss_coef, self.load_loss_coef = layer.importance_loss_coef, layer.load_loss_coef
         self.router = copy.deepcopy(layer.router)
         self.experts = _local_bank(layer.experts, start, stop)
         self.last_traffic: dict | None = None
@@ -165,9 +166,18 @@ class ExpertParallelMoE(nn.Module):
         self.last_plan = plan
         if not return_info:
             return y
+        return y, (routing, plan, self._aux_loss(routing))
+
+    def _aux_loss(self, routing) -> Tensor:
+        """Every auxiliary term of :class:`~moe_lib.MoELayer` with its coefficient, on this rank's tokens:
+        Switch load balance, z-loss, importance and (noisy top-k) load."""
         aux = (self.aux_loss_coef * load_balancing_loss(routing.probs, routing.experts, routing.valid)
-               + self.z_loss_coef * router_z_loss(routing.logits))
-        return y, (routing, plan, aux)
+               + self.z_loss_coef * router_z_loss(routing.logits)
+               + self.importance_loss_coef * importance_loss(routing.dense_weights()))
+        if routing.noise_std is not None:
+            aux = aux + self.load_loss_coef * load_loss(routing.clean_logits, routing.logits, routing.noise_std,
+                                                        routing.top_k)
+        return aux
 
     def sync_router_grads(self) -> None:
         """All-reduce (sum) the replicated router's gradients, as data parallelism would."""
