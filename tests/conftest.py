@@ -5,15 +5,35 @@
   failure: a missing optional package, a missing built book or a broken import must not turn CI green by
   skipping. The few skips that are legitimate on the CI machine are listed in :data:`CI_ALLOWED_SKIPS`.
   Skips raised while collecting a module (a module-level ``pytest.importorskip``) fail the collection.
+* One hypothesis configuration for every property test: the profile named by ``HYPOTHESIS_PROFILE``
+  (default ``"moe_lib"``, see :data:`HYPOTHESIS_PROFILES`). A test keeps its own ``max_examples`` only
+  where one example is expensive, with a comment saying so.
 """
 import os
 import re
 
 import pytest
 import torch
+from hypothesis import settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+#: Hypothesis profiles (choose with ``HYPOTHESIS_PROFILE=<name>``; ``--hypothesis-profile`` works too).
+#: Examples are random on every run, not ``derandomize=True``: a fixed seed would check the same examples
+#: forever, while random ones explore new inputs on every CI run. A failure stays reproducible: hypothesis
+#: prints the falsifying example, ``print_blob`` adds a ``@reproduce_failure`` line to paste, the local
+#: example database (``.hypothesis/``) replays it first on the next run, and ``--hypothesis-seed=N``
+#: reruns a whole session's draws. ``deadline=None``: examples build layers and run them on a shared CPU,
+#: whose timing says nothing about correctness.
+HYPOTHESIS_PROFILES = {
+    "moe_lib": dict(max_examples=60, deadline=None, print_blob=True),
+    # a deeper search now and then (e.g. after touching routers or dispatch): ten times the examples
+    "thorough": dict(max_examples=600, deadline=None, print_blob=True),
+}
+for _name, _options in HYPOTHESIS_PROFILES.items():
+    settings.register_profile(_name, **_options)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "moe_lib"))
 
 #: ``CI`` values that mean "this is CI": skips fail. Anything else (unset, empty, ``0``, ``false``, ``no``) does not.
 CI_TRUE_VALUES = ("1", "true", "yes", "on")

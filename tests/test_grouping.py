@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -68,7 +68,6 @@ def test_padding_and_tile_stats_hand_computed():
     assert G.padding_stats(torch.tensor([0, 0]))["waste"] == 0.0
 
 
-@settings(max_examples=50, deadline=None)
 @given(st.lists(st.integers(0, 300), min_size=1, max_size=12), st.sampled_from([1, 16, 64]))
 def test_tile_bounds(counts, block_m):
     t = G.tile_stats(counts, block_m)
@@ -88,7 +87,6 @@ def test_tile_bounds(counts, block_m):
     assert covered == list(range(n))
 
 
-@settings(max_examples=30, deadline=None)
 @given(st.integers(1, 64), st.integers(1, 16), st.integers(1, 4), st.floats(0, 3))
 def test_padding_waste_is_bounded_by_e_over_k(tokens, experts, k, zipf):
     k = min(k, experts)

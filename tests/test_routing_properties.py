@@ -1,13 +1,11 @@
 """Router and dispatch invariants under hypothesis: any sizes, any k, any capacity."""
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from moe_lib import MoELayer, make_plan
 from moe_lib.dispatch import expert_capacity
 
-settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True)
-settings.load_profile("ci")
 
 
 @st.composite
