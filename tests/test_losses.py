@@ -1,4 +1,5 @@
-"""Each auxiliary loss against a case computed by hand."""
+"""The auxiliary losses of moe_lib.losses (Switch load balancing, router z-loss, CV², importance, Shazeer's
+smooth load) against cases computed by hand."""
 import math
 
 import pytest

@@ -1,4 +1,6 @@
-"""Part II routers: invariants under hypothesis, and the loop and torch backends agree for every router."""
+"""Every router behind MoELayer: the shared invariants under hypothesis, each router's own rule (hash,
+auxiliary-loss-free bias, GShard, BASE, noisy top-k, expert choice, Soft MoE), backend agreement for every
+router, causality, and the errors for bad arguments."""
 import math
 
 import pytest
