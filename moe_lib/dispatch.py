@@ -22,18 +22,12 @@ Soft MoE has no assignments: :func:`slot_plan` is the plan of its ``E·p`` slots
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .routers import Routing
-
-
-def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """``ceil(capacity_factor · T · k / E)``: the most assignments one expert may process."""
-    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+from .routers import Routing, expert_capacity  # noqa: F401  (expert_capacity: re-exported)
 
 
 @dataclass

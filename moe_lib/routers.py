@@ -56,6 +56,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +64,18 @@ from torch import Tensor, nn
 from ._validate import check_bool, check_choice, check_int, check_nonnegative_float, check_positive_float
 
 ROUTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """``ceil(capacity_factor · T · k / E)``: the most assignments one expert may process (Fedus et al.
+    2022, eq. 3 — "expert capacity"; Lepikhin et al. 2021 for top-2).
+
+    Computed exactly on the factor as written — its shortest decimal form, so ``1.1`` is 11/10 — so that a
+    product that is a whole number is not pushed up by one by binary rounding (``1.1 · 50 = 55``, where
+    float arithmetic gives 55.000000000000007 and a ceiling of 56).
+    """
+    factor = Fraction(repr(float(capacity_factor)))
+    return math.ceil(factor * num_tokens * top_k / num_experts)
 
 
 @dataclass
@@ -364,7 +377,7 @@ class ExpertChoiceRouter(Router):
 
     def capacity(self, num_tokens: int) -> int:
         factor = 1.0 if self.capacity_factor is None else self.capacity_factor
-        return min(num_tokens, math.ceil(factor * num_tokens * self.top_k / self.num_experts))
+        return min(num_tokens, expert_capacity(num_tokens, self.top_k, self.num_experts, factor))
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
         logits = self.scores(x)
@@ -716,7 +729,7 @@ class GroupCapacityRouter(TopKRouter):
         if self.expert_capacity is not None:
             return self.expert_capacity
         if self.capacity_factor is not None:
-            return math.ceil(self.capacity_factor * group_tokens * self.top_k / self.num_experts)
+            return expert_capacity(group_tokens, self.top_k, self.num_experts, self.capacity_factor)
         return None
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:

@@ -83,6 +83,8 @@ def _rows(t: torch.Tensor) -> list[list[float]]:
     (10, 1, 4, 1.25, 4),   # 12.5/4 = 3.125: ceil 4, floor 3
     (9, 2, 4, 0.5, 3),     # 9/4 = 2.25: ceil 3, floor 2
     (8, 2, 4, 1.0, 4),     # integer: 16/4 = 4
+    (50, 1, 1, 1.1, 55),   # 1.1 · 50 = 55 exactly (float arithmetic: 55.000000000000007, ceiling 56)
+    (30, 1, 1, 1.1, 33),   # 33 exactly (float: 33.000000000000004)
 ])
 def test_capacity_is_the_ceiling_of_c_t_k_over_e(num_tokens, top_k, num_experts, factor, expected):
     # Every token's first choice is expert 0 (over capacity whenever T > C), further choices spread.
