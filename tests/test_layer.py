@@ -2,23 +2,8 @@
 import pytest
 import torch
 
+from _reference import reference_output
 from moe_lib import EXPERTS, MoELayer
-from moe_lib.dispatch import make_plan
-
-
-def reference_output(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
-    """Σ_j w_{t,j} · h_{e_{t,j}}(x_t) token by token, straight from the routing, honouring drops."""
-    tokens = x.reshape(-1, layer.d_model)
-    routing = layer.router(tokens)
-    plan = make_plan(routing, layer.capacity_factor)
-    out = torch.zeros(tokens.shape[0], layer.d_out, dtype=torch.float64)
-    for t in range(tokens.shape[0]):
-        for j in range(routing.top_k):
-            if plan.kept[t, j]:
-                e = int(routing.experts[t, j])
-                h = layer.experts.forward_expert(e, tokens[t : t + 1]).double()[0]
-                out[t] += routing.weights[t, j].double() * h
-    return out.reshape(*x.shape[:-1], layer.d_out)
 
 
 @pytest.mark.parametrize("expert", sorted(EXPERTS))

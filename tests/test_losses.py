@@ -2,9 +2,9 @@
 smooth load) against cases computed by hand."""
 import math
 
-import pytest
 import torch
 
+from moe_lib import MoELayer
 from moe_lib.losses import (cv_squared, importance_loss, load_balancing_loss, load_loss, router_z_loss,
                             shazeer_load)
 
@@ -13,13 +13,20 @@ def phi(z):
     return 0.5 * (1 + math.erf(z / math.sqrt(2)))
 
 
-def test_switch_loss_hand_case():
+def test_switch_loss_hand_cases():
     probs = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
     experts = torch.tensor([[0], [0]])
     # f = [1, 0], P = [0.55, 0.45] -> 2 * (1 * 0.55) = 1.1
     torch.testing.assert_close(load_balancing_loss(probs, experts), torch.tensor(1.1))
     # balanced: f = [0.5, 0.5] -> 2 * 0.5 * (0.55 + 0.45) = 1
     torch.testing.assert_close(load_balancing_loss(probs, torch.tensor([[0], [1]])), torch.tensor(1.0))
+    # three experts: f = [1, 0, 0], P = [0.65, 0.25, 0.1] -> 3 * 0.65
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1]])
+    torch.testing.assert_close(load_balancing_loss(probs, torch.tensor([[0], [0]])), torch.tensor(3 * 0.65))
+    # k = 2, uniform probabilities, every expert chosen 4 times of 12: 3 * Σ (1/3)(1/3) = 1
+    uniform = torch.full((6, 3), 1 / 3)
+    balanced = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 1], [1, 2], [2, 0]])
+    torch.testing.assert_close(load_balancing_loss(uniform, balanced), torch.tensor(1.0))
 
 
 def test_switch_loss_ignores_invalid_entries_and_uses_full_softmax_gradient():
@@ -33,10 +40,27 @@ def test_switch_loss_ignores_invalid_entries_and_uses_full_softmax_gradient():
     torch.testing.assert_close(probs.grad, torch.full((2, 2), 0.5))
 
 
-def test_z_loss_hand_case():
+def test_switch_loss_gives_a_top1_router_a_gradient():
+    """The argmax has no gradient, the softmax does: d/dlogits of E·Σ_i f_i·mean_t p_ti with f held fixed."""
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.1, 1.5, 0.3, -0.2], [1.0, 0.9, 0.0, 3.0]], requires_grad=True)
+    probs = logits.softmax(-1)
+    load_balancing_loss(probs, probs.argmax(-1, keepdim=True)).backward()
+    f = torch.tensor([1.0, 1.0, 0.0, 1.0]) / 3  # top-1 experts 0, 1, 3
+    p = logits.detach().softmax(-1)
+    # d(mean_t p_ti)/d logit_tj = p_ti (δ_ij − p_tj) / T
+    expected = 4 * (p * f - p * (p * f).sum(-1, keepdim=True)) / 3
+    torch.testing.assert_close(logits.grad, expected)
+    assert logits.grad.abs().sum() > 0.1
+
+
+def test_z_loss_hand_cases():
     torch.testing.assert_close(router_z_loss(torch.zeros(3, 2)), torch.tensor(math.log(2) ** 2))
     logits = torch.tensor([[1.0, 2.0, 3.0]])
     expected = math.log(math.e + math.e**2 + math.e**3) ** 2
+    torch.testing.assert_close(router_z_loss(logits), torch.tensor(expected))
+    # the mean over tokens: (log 2)² and (log(3 + 1))²
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    expected = (math.log(2.0) ** 2 + math.log(4.0) ** 2) / 2
     torch.testing.assert_close(router_z_loss(logits), torch.tensor(expected))
 
 
@@ -76,8 +100,15 @@ def test_load_loss_is_cv_squared_of_load_and_has_gradient():
     assert clean.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("n", [0])
-def test_losses_on_empty_batches(n):
-    assert float(load_balancing_loss(torch.zeros(n, 3), torch.zeros(n, 1, dtype=torch.long))) == 0.0
-    assert float(router_z_loss(torch.zeros(n, 3))) == 0.0
-    assert torch.equal(shazeer_load(torch.zeros(n, 3), torch.zeros(n, 3), torch.ones(n, 3), 1), torch.zeros(3))
+def test_losses_on_empty_batches():
+    """No token: every loss is exactly 0 (not the NaN of a mean over nothing), and so is the layer's total."""
+    assert float(load_balancing_loss(torch.zeros(0, 3), torch.zeros(0, 1, dtype=torch.long))) == 0.0
+    assert float(router_z_loss(torch.zeros(0, 3))) == 0.0
+    assert torch.equal(shazeer_load(torch.zeros(0, 3), torch.zeros(0, 3), torch.ones(0, 3), 1), torch.zeros(3))
+    assert float(load_loss(torch.zeros(0, 3), torch.zeros(0, 3), torch.ones(0, 3), 1)) == 0.0
+    assert float(importance_loss(torch.zeros(0, 3))) == 0.0
+    layer = MoELayer(4, 6, 3, 2, router="noisy_topk", aux_loss_coef=0.1, z_loss_coef=0.1, importance_loss_coef=0.1,
+                     load_loss_coef=0.1)
+    _, info = layer(torch.zeros(0, 4), return_info=True)
+    assert set(info.aux_losses) == {"load_balance", "z_loss", "importance", "load"}
+    assert all(v.item() == 0.0 for v in info.aux_losses.values()) and info.aux_loss.item() == 0.0
