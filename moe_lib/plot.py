@@ -1,5 +1,19 @@
-"""One figure style for the whole book (moderate size, readable on the web page, small PNGs)."""
+"""One figure style for the whole book (moderate size, readable on the web page, small PNGs), and the
+figures' regression test: :func:`figure_data` (what a figure plots, as text that fonts do not change).
+
+nbval compares every text output of a chapter with the stored one but skips images. :func:`book_style`
+therefore also teaches the notebook's IPython to display each matplotlib figure with a second
+representation besides the PNG: :data:`FIGURE_DATA_MIME`, the text of :func:`figure_data` (the plotted
+data rounded to :data:`SIGNIFICANT_DIGITS` significant digits and hashed, the labels, titles and legend
+entries). The stored notebooks carry it, strict nbval compares it like any text output, and the book's
+HTML never shows it (myst-nb renders only the mime types it knows, and ``_config.yml`` drops this one
+explicitly). Nothing of it depends on how the figure is rendered: no font, antialiasing, tick placement
+or layout enters it. A figure of timings is exempted with :func:`not_compared` (or its cell is tagged
+``nbval-ignore-output``).
+"""
 from __future__ import annotations
+
+import hashlib
 
 #: Colours for experts 0..9, consistent across every chapter.
 EXPERT_COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3",
@@ -33,6 +47,257 @@ def book_style() -> None:
         "legend.frameon": False,
         "axes.prop_cycle": mpl.cycler(color=EXPERT_COLORS),
     })
+    install_figure_data_formatter()
+
+
+#: The mime type of a figure's plotted data in a notebook's outputs (compared by nbval, never rendered).
+FIGURE_DATA_MIME = "text/x-moe-book-figure-data"
+#: Every plotted number enters :func:`figure_data` rounded to this many significant digits.
+SIGNIFICANT_DIGITS = 4
+_NOT_COMPARED = "_moe_book_not_compared"
+
+
+def not_compared(artist, reason: str = "timings"):
+    """Exempt a figure, or one of its axes, from the figure regression test (:func:`figure_data` then
+    gives only ``reason``): for plots of timings or of anything else that differs from run to run, in a
+    cell whose printed output is compared. Returns ``artist``."""
+    setattr(artist, _NOT_COMPARED, str(reason))
+    return artist
+
+
+def _numbers(values) -> list[str]:
+    """``values`` as strings of SIGNIFICANT_DIGITS significant digits (NaN for masked entries)."""
+    import numpy as np
+
+    a = np.ma.filled(np.ma.asarray(values, dtype=float), np.nan).ravel() + 0.0  # -0.0 -> 0.0
+    return [f"{v:.{SIGNIFICANT_DIGITS - 1}e}" for v in a.tolist()]
+
+
+def _g(v) -> str:
+    return f"{float(v):.{SIGNIFICANT_DIGITS}g}"
+
+
+def _digest(*parts) -> str:
+    """A short hash of numbers (rounded) and strings, in order."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, str):
+            h.update(b"s" + part.encode())
+        elif part is None:
+            h.update(b"n")
+        else:
+            a = np.ma.asarray(part)
+            h.update(f"a{a.shape}".encode())
+            h.update(",".join(_numbers(a)).encode())
+        h.update(b"|")
+    return h.hexdigest()[:12]
+
+
+def _span(values) -> str:
+    import numpy as np
+
+    a = np.ma.filled(np.ma.asarray(values, dtype=float), np.nan).ravel()
+    a = a[np.isfinite(a)]
+    return "-" if a.size == 0 else f"{_g(a.min())}..{_g(a.max())}"
+
+
+def _color(c) -> str:
+    from matplotlib.colors import to_hex
+
+    try:
+        return to_hex(c, keep_alpha=True)
+    except (ValueError, TypeError):
+        return "none"
+
+
+def _colors(cs) -> list[str]:
+    import numpy as np
+
+    cs = np.asarray(cs)
+    if cs.ndim == 2:
+        return [_color(c) for c in cs]
+    return [_color(cs)] if cs.size else []
+
+
+def _label(artist) -> str:
+    label = artist.get_label()
+    return "" if not label or str(label).startswith("_") else f" {str(label)!r}"
+
+
+def _line(line) -> str:
+    xy = line.get_xydata()
+    return (f"line{_label(line)}: {len(xy)} points, x {_span(xy[:, 0])}, y {_span(xy[:, 1])}, "
+            f"#{_digest(xy, _color(line.get_color()))}")
+
+
+def _collection(c) -> str:
+    from matplotlib.collections import LineCollection, PathCollection, QuadMesh
+
+    kind = type(c).__name__
+    c.update_scalarmappable()  # colours of colour-mapped data, as drawing would set them
+    array = c.get_array()
+    colors = ",".join(_colors(c.get_facecolor()) + _colors(c.get_edgecolor()))
+    if isinstance(c, PathCollection):  # scatter: marker paths are in points, the data are the offsets
+        off = c.get_offsets()
+        return (f"{kind}{_label(c)}: {len(off)} points, x {_span(off[:, 0])}, y {_span(off[:, 1])}, "
+                f"#{_digest(off, c.get_sizes(), array, colors)}")
+    if isinstance(c, QuadMesh):
+        return f"{kind}{_label(c)}: array {None if array is None else array.shape}, #{_digest(c.get_coordinates(), array, colors)}"
+    if isinstance(c, LineCollection):
+        segs = c.get_segments()
+        return f"{kind}{_label(c)}: {len(segs)} segments, #{_digest(*segs, array, colors)}"
+    paths = [p.vertices for p in c.get_paths()]
+    return (f"{kind}{_label(c)}: {len(paths)} paths, {sum(len(v) for v in paths)} vertices, "
+            f"#{_digest(*paths, c.get_offsets(), array, colors)}")
+
+
+def _patch(p) -> str:
+    from matplotlib import patches as P
+
+    kind = type(p).__name__
+    fc = _color(p.get_facecolor()) if p.get_fill() else "none"
+    ec = _color(p.get_edgecolor())
+    if isinstance(p, P.Rectangle):
+        return f"{kind}{_label(p)}: #{_digest([p.get_x(), p.get_y(), p.get_width(), p.get_height(), p.get_angle()], fc, ec)}"
+    if isinstance(p, P.Wedge):
+        return f"{kind}{_label(p)}: #{_digest([*p.center, p.r, p.theta1, p.theta2, p.width or 0], fc, ec)}"
+    if isinstance(p, P.Ellipse):
+        return f"{kind}{_label(p)}: #{_digest([*p.get_center(), p.get_width(), p.get_height(), p.get_angle()], fc, ec)}"
+    if isinstance(p, P.Polygon):
+        return f"{kind}{_label(p)}: {len(p.get_xy())} vertices, #{_digest(p.get_xy(), fc, ec)}"
+    if isinstance(p, P.PathPatch):
+        return f"{kind}{_label(p)}: #{_digest(p.get_path().vertices, fc, ec)}"
+    if isinstance(p, P.FancyArrowPatch):  # its drawn path depends on the display: record its ends
+        ends = getattr(p, "_posA_posB", None)
+        return f"{kind}{_label(p)}: #{_digest(None if ends is None else list(ends), fc, ec)}"
+    return f"{kind}{_label(p)}"  # other patches: drawn in display units, not compared
+
+
+def _text(t) -> str:
+    from matplotlib.text import Annotation
+
+    if not t.get_text():
+        return ""
+    if isinstance(t, Annotation):
+        return f"annotation {t.get_text()!r} at ({', '.join(map(_g, t.xy))}), text at ({', '.join(map(_g, t.get_position()))})"
+    return f"text {t.get_text()!r} at ({', '.join(map(_g, t.get_position()))})"
+
+
+def _axis(ax, name: str) -> list[str]:
+    from matplotlib.category import StrCategoryFormatter
+    from matplotlib.ticker import FixedFormatter, FixedLocator
+
+    axis = getattr(ax, f"{name}axis")
+    out = [f"{name} {axis.get_label_text()!r} ({axis.get_scale()})"]
+    if not getattr(ax, f"get_autoscale{name}_on")() and not (ax.get_aspect() != "auto" and ax.get_adjustable() == "datalim"):
+        out.append(f"{name}lim {', '.join(map(_g, getattr(ax, f'get_{name}lim')()))}")  # set by the code
+    locator, formatter = axis.get_major_locator(), axis.get_major_formatter()
+    if isinstance(locator, FixedLocator):
+        out.append(f"{name}ticks {', '.join(map(_g, locator.locs))}")
+    if isinstance(formatter, FixedFormatter):
+        out.append(f"{name}ticklabels {list(formatter.seq)!r}")
+    elif isinstance(formatter, StrCategoryFormatter):
+        out.append(f"{name} categories {list(formatter._units)!r}")
+    return out
+
+
+def _legend(legend, indent: str) -> list[str]:
+    if legend is None:
+        return []
+    return [f"{indent}legend {[t.get_text() for t in legend.get_texts()]!r}"]
+
+
+def figure_data(fig) -> str:
+    """What ``fig`` plots, as text that changes when a plotted result changes and never with the rendering.
+
+    Per axes: the title, axis labels and scales, the limits, ticks and tick labels the code set
+    (autoscaled ones follow from the data; automatic ticks depend on the font size and are left out),
+    the legend entries; per artist (lines, scatter points, bars and other patches, collections such as
+    error bars and bands, images, texts): its kind, label and a hash of its data rounded to
+    :data:`SIGNIFICANT_DIGITS` significant digits and of its colours, with the data's range for lines
+    and points. Figures and axes marked by :func:`not_compared` give only that mark.
+    """
+    if getattr(fig, _NOT_COMPARED, None) is not None:
+        return f"figure data not compared: {getattr(fig, _NOT_COMPARED)}"
+    lines = [f"figure data ({SIGNIFICANT_DIGITS} significant digits), {len(fig.axes)} axes"]
+    lines += [f"figure {s}" for s in map(_text, fig.texts) if s]  # suptitle and figure texts
+    for legend in fig.legends:
+        lines += _legend(legend, "figure ")
+    for i, ax in enumerate(fig.axes):
+        if getattr(ax, _NOT_COMPARED, None) is not None:
+            lines.append(f"axes {i}: not compared: {getattr(ax, _NOT_COMPARED)}")
+            continue
+        titles = [t for t in (ax.get_title(loc) for loc in ("left", "center", "right")) if t]
+        lines.append(f"axes {i}: title {' / '.join(titles)!r}; " + "; ".join(_axis(ax, "x") + _axis(ax, "y")))
+        own = {id(a) for group in (ax.lines, ax.collections, ax.patches, ax.images, ax.texts) for a in group}
+        for artist in ax.get_children():  # in drawing order; spines, axis, title, legend are not data
+            if id(artist) not in own or not artist.get_visible():
+                continue
+            row = _artist(artist)
+            if row:
+                lines.append(f"  {row}")
+        lines += _legend(ax.get_legend(), "  ")
+    return "\n".join(lines) + "\n"
+
+
+def _artist(artist) -> str:
+    from matplotlib.collections import Collection
+    from matplotlib.image import AxesImage
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.text import Text
+
+    if isinstance(artist, Line2D):
+        return _line(artist)
+    if isinstance(artist, Collection):
+        return _collection(artist)
+    if isinstance(artist, Patch):
+        return _patch(artist)
+    if isinstance(artist, AxesImage):
+        a = artist.get_array()
+        clim = artist.get_clim()
+        return (f"image {tuple(a.shape)}, values {_span(a)}, cmap {artist.get_cmap().name}, "
+                f"#{_digest(a, list(artist.get_extent()), [c if c is not None else float('nan') for c in clim])}")
+    if isinstance(artist, Text):
+        return _text(artist)
+    return ""
+
+
+def _figure_data_or_error(fig) -> str:
+    try:
+        return figure_data(fig)
+    except Exception as exc:  # a display hook must not break a chapter; the message is compared instead
+        return f"figure data failed: {type(exc).__name__}: {exc}\n"
+
+
+def install_figure_data_formatter(shell=None) -> bool:
+    """Make IPython display every matplotlib figure with :data:`FIGURE_DATA_MIME` besides its PNG (called
+    by :func:`book_style`; a no-op outside IPython). Returns whether a shell was found."""
+    try:
+        from IPython import get_ipython
+        from IPython.core.formatters import BaseFormatter
+        from traitlets import ObjectName, Unicode
+    except ImportError:
+        return False
+    shell = shell or get_ipython()
+    if shell is None:
+        return False
+    formatters = shell.display_formatter.formatters
+    if FIGURE_DATA_MIME not in formatters:
+
+        class FigureDataFormatter(BaseFormatter):
+            format_type = Unicode(FIGURE_DATA_MIME)
+            print_method = ObjectName("_repr_moe_book_figure_data_")
+
+        formatters[FIGURE_DATA_MIME] = FigureDataFormatter(parent=shell.display_formatter)
+    # The formatter finds the representation as a method of the figure (its print_method), not in its type
+    # registry: matplotlib's inline backend clears every formatter's entry for Figure when it activates.
+    from matplotlib.figure import Figure
+
+    Figure._repr_moe_book_figure_data_ = _figure_data_or_error
+    return True
 
 
 def mean_band(ax, x, curves, label: str | None = None, color=None, alpha: float = 0.2, **kwargs):
