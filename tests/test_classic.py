@@ -293,11 +293,12 @@ def test_competitive_experts_survive_top1_cooperative_need_not():
 def test_fit_gate_trains_only_the_router():
     torch.manual_seed(0)
     layer = MoELayer(1, 1, 2, router="dense", expert="linear", router_bias=True)
-    before = {k: v.clone() for k, v in layer.experts.state_dict().items()}
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
     x = torch.randn(40, 1)
-    fit_gate(layer, x, 3 * x, steps=20, lr=0.1)
-    for k, v in layer.experts.state_dict().items():
-        assert torch.equal(v, before[k])
+    losses = fit_gate(layer, x, 3 * x, steps=20, lr=0.1)
+    assert len(losses) == 20 and losses[-1] < losses[0]  # the gate really trained
+    for k, v in layer.state_dict().items():  # the router moved, the experts did not
+        assert torch.equal(v, before[k]) == k.startswith("experts."), k
     with pytest.raises(TypeError, match="dense"):
         fit_gate(sparse_copy(layer, 1), x, 3 * x)
 
@@ -334,5 +335,18 @@ def test_train_recipes_returns_every_method_trained():
     for model in models.values():
         assert model(x).shape == y.shape
     assert models["two-stage, top-1"].top_k == 1
+    # every parameter of every recipe moved from where it started (each recipe starts from seed 0)
+    initial = []
+    for hidden in (8, 4):
+        torch.manual_seed(0)
+        initial += list(torch.nn.Sequential(torch.nn.Linear(2, hidden), torch.nn.GELU(),
+                                            torch.nn.Linear(hidden, 1)).parameters())
+    torch.manual_seed(0)
+    initial += list(MoELayer(2, 4, 2, router="dense", expert="mlp", router_bias=True, d_out=1).parameters())
+    for name, model in models.items():
+        params = list(model.parameters())
+        assert params, name
+        for p in params:
+            assert not any(p.shape == q.shape and torch.equal(p.detach(), q.detach()) for q in initial), name
     err, weight = top_expert_error(models["two-stage"], x, y)
     assert err >= 0 and 0.5 <= weight <= 1.0  # 2 experts: the top weight is at least one half

@@ -187,13 +187,19 @@ def test_router_drift_and_utilisation():
         router_drift(a, a[:1])
 
 
-def test_finetune_lm_only_non_expert_keeps_routing_inputs_of_experts_frozen():
+def test_finetune_lm_of_the_experts_only_changes_every_expert_and_nothing_else():
     seed_everything(0)
     model = TransformerLM(tiny_cfg(ffn="moe", num_experts=4, top_k=2))
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
     data = torch.randint(0, 256, (600,))
     probe = data[:32].reshape(2, 16)
     out = finetune_lm(model, data, data, train=("experts",), steps=3, batch_size=2, probe=probe)
     assert out["drift"] == 0.0  # router and everything before it frozen: routing cannot move
-    for (name, p), q in zip(model.named_parameters(), out["model"].parameters()):
-        assert torch.equal(p, q) or parameter_roles(model)[name] == "experts"
+    roles = parameter_roles(model)
+    assert out["model"] is not model and all(torch.equal(p, before[k]) for k, p in model.named_parameters())
+    tuned = dict(out["model"].named_parameters())
+    assert set(tuned) == set(before)
+    for name, p in tuned.items():  # a copy was trained: its experts moved, everything else did not
+        changed = not torch.equal(p.detach(), before[name])
+        assert changed == (roles[name] == "experts"), (name, roles[name], changed)
     assert out["utilisation"].shape == (2, 4)

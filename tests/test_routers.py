@@ -239,17 +239,22 @@ def test_backends_agree_for_every_router(router, capacity_factor, training):
 
 @pytest.mark.parametrize("router", ALL)
 def test_every_router_trains(router):
-    """The public API works for every router: gradients reach the router's parameters (if any)."""
+    """The public API works for every router: a gradient reaches every parameter (the router's, if it has
+    any, and every expert's) and the input, and one SGD step moves every parameter."""
     torch.manual_seed(0)
     layer = make_layer(router, 4, 2, importance_loss_coef=0.1, z_loss_coef=0.001)
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
     x = torch.randn(2, 9, 5, requires_grad=True)
     y, info = layer(x, return_info=True)
     (y.square().mean() + info.aux_loss).backward()
-    params = [p for p in layer.router.parameters()]
-    if router != "hash":
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
-    else:
-        assert params == []
+    router_params = dict(layer.router.named_parameters())
+    assert (router_params == {}) == (router == "hash")  # hashing learns nothing; every other router does
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    torch.optim.SGD(layer.parameters(), lr=0.1).step()
+    for name, p in layer.named_parameters():
+        assert not torch.equal(p.detach(), before[name]), name
     stats = info.stats()
     assert stats["tokens"] == 18
 
