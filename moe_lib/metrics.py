@@ -12,7 +12,6 @@ fraction of experts that actually run per token (:func:`active_fraction`), the e
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
@@ -151,16 +150,6 @@ def routing_stats(routing: Routing, plan: DispatchPlan) -> dict[str, float | lis
         "tokens_dropped": plan.dropped_tokens,
         "dropped_fraction": plan.dropped_assignments / assignments if assignments else 0.0,
     }
-
-
-def format_stats(stats: dict, digits: int = 3) -> str:
-    """One line per metric, numbers rounded to ``digits`` significant digits (stable notebook output)."""
-    lines = []
-    for key, value in stats.items():
-        if isinstance(value, float):
-            value = "nan" if math.isnan(value) else f"{value:.{digits}g}"
-        lines.append(f"{key:>24}: {value}")
-    return "\n".join(lines)
 
 
 #: A change of earlier outputs below this is float32 rounding, not information from the future: when the
