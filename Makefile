@@ -28,7 +28,7 @@ KERNEL := $(VENV)/share/jupyter/kernels/moe-book/kernel.json
 .NOTPARALLEL:
 .DEFAULT_GOAL := install
 .PHONY: install book notebooks test test-unit test-nbval test-portability test-papermill test-build test-browser \
-        constraints clean distclean
+        mutation constraints clean distclean
 
 install: $(KERNEL)
 
@@ -90,6 +90,16 @@ test-browser: install
 	$(PY) -m pytest tests -m browser
 
 # ------------------------------------------------------------------------------- maintenance
+# Mutation testing of the core data path (routers, dispatch, experts, backends, losses, layer, metrics,
+# the expert-parallel wrapper; [tool.mutmut] in pyproject.toml): mutmut injects one plausible bug at a
+# time into a copy of moe_lib (mutants/) and runs the core tests against it. Slow (about an hour on 2
+# cores), so not part of `make test`. Writes _build/mutation/report.md (score per module, survivors).
+mutation: install
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[mutation]"
+	rm -rf mutants
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(JOBS) > /dev/null
+	$(PY) scripts/mutation_report.py
+
 # Re-resolve requirements/constraints.txt in a fresh venv after changing dependencies.
 constraints:
 	rm -rf _build/constraints-venv
