@@ -4,6 +4,7 @@
 #   make test        install, then unit tests, nbval, portability, papermill, strict book build, browser check
 #   make notebooks   (authors) re-execute the notebooks in place so their stored outputs are fresh;
 #                    NB="notebooks/01_what_is_moe.ipynb ..." limits it to some notebooks
+#   make dist        moe_lib's sdist and wheel in _build/dist (offline: the build uses .venv's setuptools)
 #   make clean       remove _build        make distclean   also remove .venv
 #
 # Every notebook runs in the `moe-book` Jupyter kernel that `make install` writes into .venv: the
@@ -27,7 +28,7 @@ KERNEL := $(VENV)/share/jupyter/kernels/moe-book/kernel.json
 # The test steps must run in order (the browser test needs the built book).
 .NOTPARALLEL:
 .DEFAULT_GOAL := install
-.PHONY: install book notebooks test test-unit test-nbval test-portability test-papermill test-build test-browser \
+.PHONY: install book notebooks dist test test-unit test-nbval test-portability test-papermill test-build test-browser \
         mutation constraints clean distclean
 
 install: $(KERNEL)
@@ -48,10 +49,19 @@ book: install
 notebooks: install
 	$(PY) scripts/execute_notebooks.py $(NB)
 
+# moe_lib as a package of its own (CHANGELOG.md; tests/test_wheel.py installs the wheel into a fresh venv
+# with its core dependencies only). --no-isolation: no download of build requirements.
+dist: install
+	rm -rf _build/dist
+	$(PY) -m build --no-isolation --outdir _build/dist .
+	rm -rf build
+
 # ---------------------------------------------------------------------------------------- test
 test: test-unit test-nbval test-portability test-papermill test-build test-browser
 
-# (a) moe_lib's own tests: everything in tests/ but the notebook and browser tests.
+# (a) moe_lib's own tests: everything in tests/ but the notebook and browser tests; among them the
+#     workflow lint (tests/test_workflows.py) and the wheel test (tests/test_wheel.py: build, install into a
+#     fresh venv with the core dependencies only, run the README's example there).
 # Two pytest workers (pytest-xdist): the CI machine has 2 cores and the notebooks run on one thread each.
 JOBS ?= 2
 
