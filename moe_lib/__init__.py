@@ -50,6 +50,7 @@ from .dispatch import DispatchPlan, make_plan
 from .distributed import ExpertParallelMoE
 from .experts import EXPERTS, ExpertBank, GLUExperts, LinearExperts, MLPExperts, SwiGLUExperts
 from .interop import from_transformers
+from .interop import patch_transformers, routing_report, unpatch_transformers
 from .layer import MoEInfo, MoELayer
 from .routers import (
     ROUTERS,
@@ -82,7 +83,8 @@ __all__ = [
     "GroupLimitedRouter", "GroupCapacityRouter",
     "ExpertBank", "LinearExperts", "MLPExperts", "SwiGLUExperts", "GLUExperts",
     # interop, scale-out, helpers
-    "from_transformers", "ExpertParallelMoE", "count_flops", "seed_everything", "resolve_device", "to_device", "book_file",
+    "from_transformers", "patch_transformers", "unpatch_transformers", "routing_report",
+    "ExpertParallelMoE", "count_flops", "seed_everything", "resolve_device", "to_device", "book_file",
     # modules
     "applications", "backends", "business", "classic", "corpus", "data", "dispatch", "distributed", "experts", "interop",
     "losses", "metrics", "models", "practice", "routers", "serving", "tasks", "training", "utils",
