@@ -43,8 +43,10 @@ $(KERNEL): $(STAMP) moe_lib/reproducibility.py
 	$(PY) -m moe_lib.reproducibility install-kernel
 
 # ---------------------------------------------------------------------------------------- book
+# (PYTHONPATH: the book's Sphinx extension in scripts/, which _build/_config_execute.yml's
+#  local_extensions path, relative to _build/, does not reach)
 book: install
-	$(PY) scripts/build_book.py --execute
+	PYTHONPATH=$(CURDIR)/scripts$${PYTHONPATH:+:$$PYTHONPATH} $(PY) scripts/build_book.py --execute
 
 notebooks: install
 	$(PY) scripts/execute_notebooks.py $(NB)

@@ -201,3 +201,110 @@ def test_page_renders_offline(base_url, browser, path, lands_on, name, expects_m
 
     found = {k: v for k, v in problems.items() if v}
     assert not found, f"{path}:\n" + "\n".join(f"  {k}:\n    " + "\n    ".join(v) for k, v in found.items())
+
+
+# ------------------------------------------------------------------------------------- launch buttons
+# One setting, `repository.url` in _config.yml, turns on Binder and Colab buttons on every chapter
+# (scripts/book_launch_buttons.py). Unset (as committed), the book above has none. Set, checked on a second
+# build with a dummy URL, made once into its own folder: the buttons are plain links to the providers for
+# that repository, and opening the menu sends no request outside.
+DUMMY_REPOSITORY = "https://github.com/example-owner/example-book"
+LAUNCH_BUILD = ROOT / "_build" / "launch-check"
+LAUNCH_HOSTS = ("mybinder.org", "colab.research.google.com")
+
+
+def _serve(folder: Path):
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, thread, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture(scope="module")
+def launch_book():
+    """``_build/launch-check/_build/html``: the book built from the stored outputs with ``repository.url`` set."""
+    import subprocess
+
+    import yaml
+
+    jb = shutil.which("jupyter-book", path=str(Path(sys.executable).parent))
+    if jb is None:
+        _skip_or_fail("jupyter-book is not installed (run `make install`)")
+    shutil.rmtree(LAUNCH_BUILD, ignore_errors=True)
+    LAUNCH_BUILD.mkdir(parents=True)
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert config["repository"]["url"] == "", "the committed _config.yml must leave repository.url unset"
+    config["repository"]["url"] = DUMMY_REPOSITORY
+    (LAUNCH_BUILD / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    # local_extensions' path is relative to the config's folder; scripts/ goes on PYTHONPATH instead
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "scripts"), PYDEVD_DISABLE_FILE_VALIDATION="1")
+    proc = subprocess.run([jb, "build", ".", "--all", "-W", "--keep-going", "--config",
+                           str(LAUNCH_BUILD / "_config.yml"), "--path-output", str(LAUNCH_BUILD)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    return LAUNCH_BUILD / "_build" / "html"
+
+
+def _launch_links(html: str) -> list[str]:
+    import re
+
+    return [h for h in re.findall(r'href="([^"]+)"', html) if any(host in h for host in LAUNCH_HOSTS)]
+
+
+def test_no_launch_button_without_repository_url():
+    if not (HTML / "index.html").is_file():
+        _skip_or_fail(f"no built book at {HTML.relative_to(ROOT)} (run `make test-build` or `make book`)")
+    pages = sorted(HTML.rglob("*.html"))
+    with_links = {p.relative_to(HTML).as_posix(): _launch_links(p.read_text()) for p in pages}
+    assert not {k: v for k, v in with_links.items() if v}
+    assert not [p for p in pages if "dropdown-launch-buttons" in p.read_text()]
+
+
+def test_repository_url_turns_on_binder_and_colab_on_every_chapter(launch_book):
+    for nb in toc_notebooks():
+        page = launch_book / "notebooks" / f"{nb.stem}.html"
+        assert sorted(_launch_links(page.read_text())) == sorted([
+            f"https://colab.research.google.com/github/example-owner/example-book/blob/main/notebooks/{nb.name}",
+            f"https://mybinder.org/v2/gh/example-owner/example-book/main?urlpath=lab/tree/notebooks/{nb.name}",
+        ]), page
+    # pages that are not notebooks get none
+    assert not _launch_links((launch_book / "book" / "library.html").read_text())
+
+
+def test_launch_buttons_are_links_and_send_no_request(launch_book, browser):
+    server, thread, base = _serve(launch_book)
+    outside: list[str] = []
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, service_workers="block")
+
+    def route(route):
+        url = route.request.url
+        if url.startswith(("data:", "blob:", "about:")) or urlparse(url).hostname in LOCAL_HOSTS:
+            route.continue_()
+        else:
+            outside.append(url)
+            route.abort()
+
+    context.route("**/*", route)
+    try:
+        page = context.new_page()
+        page.goto(f"{base}/notebooks/01_what_is_moe.html", wait_until="load")
+        page.wait_for_load_state("networkidle")
+        menu = page.locator(".dropdown-launch-buttons")
+        assert menu.count() == 1, "no launch menu on the chapter"
+        menu.locator("button").first.click()
+        links = menu.locator("a.dropdown-item")
+        texts = sorted(links.nth(i).inner_text().strip() for i in range(links.count()))
+        assert texts == ["Binder", "Colab"], texts
+        for i in range(links.count()):
+            assert links.nth(i).evaluate("a => a.tagName") == "A" and links.nth(i).is_visible()
+        # the logos are local files
+        assert all(links.nth(i).locator("img").evaluate("i => i.complete && i.naturalWidth > 0")
+                   for i in range(links.count()))
+        page.wait_for_load_state("networkidle")
+    finally:
+        context.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert not outside, f"requests left the page: {outside}"

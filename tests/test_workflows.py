@@ -165,3 +165,20 @@ def test_pages_builds_from_stored_outputs_and_deploys_with_the_official_actions(
     assert upload["with"]["path"] == "_build/html"
     deploy = wf["jobs"]["deploy"]
     assert deploy["environment"]["name"] == "github-pages" and deploy["needs"] == "build"
+
+
+def test_binder_environment_matches_the_makefile():
+    """binder/ (the launch buttons' environment): torch at the Makefile's pinned version from the CPU index,
+    the constraints file (the path relative to binder/), moe_lib with the book's extras, the moe-book kernel."""
+    lines = [ln.split("#")[0].strip() for ln in (ROOT / "binder" / "requirements.txt").read_text().splitlines()]
+    lines = [ln for ln in lines if ln]
+    torch_version = re.search(r"^TORCH_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert f"torch=={torch_version}" in lines
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in lines
+    constraints = next(ln.split(None, 1)[1] for ln in lines if ln.startswith("-c "))
+    assert (ROOT / "binder" / constraints).resolve() == (ROOT / "requirements" / "constraints.txt").resolve()
+    assert "-e .[book]" in lines
+    post_build = ROOT / "binder" / "postBuild"
+    assert os.access(post_build, os.X_OK), "binder/postBuild must be executable"
+    assert "python -m moe_lib.reproducibility install-kernel" in post_build.read_text()
+    assert re.fullmatch(r"python-3\.\d+\s*", (ROOT / "binder" / "runtime.txt").read_text())
