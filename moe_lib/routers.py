@@ -338,7 +338,7 @@ class GShardRouter(TopKRouter):
                  router_dtype: str = "float32"):
         if top_k != 2:
             raise ValueError(f"router='gshard' is a top-2 router, so top_k must be 2, got {top_k}")
-        if num_experts < 2:
+        if check_int("num_experts", num_experts, minimum=1) < 2:
             raise ValueError(f"router='gshard' needs num_experts >= 2, got {num_experts}")
         super().__init__(d_model, num_experts, 2, bias=bias, normalize=True, router_dtype=router_dtype)
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from moe_lib import MoELayer
-from moe_lib.routers import BaseRouter, GShardRouter, NoisyTopKRouter, Router, SwitchRouter, TopKRouter
+from moe_lib.routers import (BaseRouter, GShardRouter, HashRouter, NoisyTopKRouter, Router, SoftMoERouter,
+                             SwitchRouter, TopKRouter)
 
 
 def test_switch_defaults():
@@ -61,3 +62,158 @@ def test_noisy_topk_flops_count_gate_and_noise_matmuls():
     assert router.flops_per_token() == 2 * (2 * 6 * 4)
     layer = MoELayer(6, 4, 4, 2, router="noisy_topk", expert="linear")
     assert layer.active_flops_per_token() == 96 + 2 * (2 * 6 * 6)
+
+
+# ------------------------------------------------------- every router and expert bank built directly
+from moe_lib.experts import GLUExperts, LinearExperts, MLPExperts, SwiGLUExperts  # noqa: E402
+from moe_lib.routers import ROUTERS  # noqa: E402
+
+
+def _build(name, d_model=4, num_experts=3, **kwargs):
+    cls = ROUTERS[name]
+    top_k = kwargs.pop("top_k") if "top_k" in kwargs else cls.default_top_k(num_experts)
+    return cls(d_model, num_experts, top_k, **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(ROUTERS))
+def test_router_constructor_defaults(name):
+    router = _build(name)
+    assert router.router_dtype == "float32" and router.d_model == 4 and router.num_experts == 3
+    assert router.gate is None if name == "hash" else router.gate.bias is None
+    assert router.top_k == {"dense": 3, "soft": 3, "topk": 2, "noisy_topk": 2, "gshard": 2, "auxfree": 2,
+                            "group_limited": 2, "expert_choice": 2}.get(name, 1)
+    if hasattr(router, "normalize"):
+        assert router.normalize is (name not in ("switch", "group_capacity"))
+    expected = {
+        "expert_choice": {"capacity_factor": None},
+        "hash": {"hash_bits": 8, "hash_seed": 0},
+        "soft": {"slots_per_expert": 1},
+        "auxfree": {"update_rate": 0.001},
+        "group_capacity": {"expert_capacity": None, "group_size": None, "capacity_factor": None},
+    }.get(name, {})
+    for attr, value in expected.items():
+        assert getattr(router, attr) == value, attr
+
+
+@pytest.mark.parametrize("name", sorted(ROUTERS))
+def test_router_constructor_checks_its_arguments(name):
+    """Each router, built directly (not through MoELayer), names the bad argument."""
+    with pytest.raises(ValueError, match="d_model"):
+        _build(name, d_model=0)
+    top_k = {"dense": None, "soft": None, "gshard": 2}.get(name, 1)
+    with pytest.raises(ValueError, match="num_experts"):
+        _build(name, num_experts=0, top_k=top_k)
+    with pytest.raises(ValueError, match="router_dtype"):
+        _build(name, router_dtype="float16")
+    with pytest.raises(TypeError, match="num_experts"):
+        _build(name, num_experts="3", top_k=top_k)
+    with pytest.raises(TypeError, match="d_model"):
+        _build(name, d_model=None)
+    if name not in ("hash", "soft"):
+        with pytest.raises(TypeError, match="router_bias"):
+            _build(name, bias="yes")
+        assert _build(name, bias=True).gate.bias is not None
+    # the smallest legal sizes are accepted
+    small = _build(name, d_model=1, num_experts=2 if name == "gshard" else 1)
+    assert small.d_model == 1 and small.router_dtype == "float32"
+    assert _build(name, router_dtype="bfloat16").router_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("name", ["topk", "noisy_topk", "auxfree", "expert_choice", "group_limited"])
+def test_router_top_k_range(name):
+    kwargs = {"n_group": 1} if name == "group_limited" else {}
+    assert _build(name, top_k=3, **kwargs).top_k == 3  # k = E is allowed
+    assert _build(name, top_k=1, **kwargs).top_k == 1
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="top_k"):
+            _build(name, top_k=bad, **kwargs)
+    with pytest.raises(TypeError, match="top_k"):
+        _build(name, top_k=None, **kwargs)
+
+
+def test_noisy_topk_starts_at_zero_weights():
+    router = NoisyTopKRouter(4, 3, 2, bias=True)
+    assert router.gate.weight.abs().sum() == 0 and router.noise.weight.abs().sum() == 0
+    assert router.gate.bias.abs().sum() == 0 and router.noise.bias is None
+    assert router.noise.in_features == 4 and router.noise.out_features == 3
+    with pytest.raises(ValueError, match="normalize_weights"):
+        NoisyTopKRouter(4, 3, 2, normalize=False)
+
+
+def test_hash_router_options():
+    router = HashRouter(5, 4, hash_bits=30, hash_seed=7)
+    assert router.gate is None and router.hash_bits == 30 and router.hash_seed == 7
+    expected = torch.randn(5, 30, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(router.projection, expected)  # the documented fixed projection of the seed
+    assert "projection" in dict(router.named_buffers()) and not list(router.parameters())
+    assert not torch.equal(HashRouter(5, 4).projection[:, :8], HashRouter(5, 4, hash_seed=1).projection[:, :8])
+    assert HashRouter(5, 4, hash_bits=1).projection.shape == (5, 1)
+    for kwargs, arg in [({"hash_bits": 0}, "hash_bits"), ({"hash_bits": 31}, "hash_bits"),
+                        ({"hash_seed": -1}, "hash_seed")]:
+        with pytest.raises(ValueError, match=arg):
+            HashRouter(5, 4, **kwargs)
+    assert HashRouter(5, 4, router_dtype="bfloat16").router_dtype == "bfloat16"
+
+
+def test_soft_moe_router_options():
+    router = SoftMoERouter(4, 3, slots_per_expert=2)
+    assert router.gate.out_features == 6 and router.gate.in_features == 4 and router.gate.bias is None
+    assert router.top_k == 3 and SoftMoERouter(4, 3, 3).top_k == 3
+    with pytest.raises(ValueError, match="slots_per_expert"):
+        SoftMoERouter(4, 3, slots_per_expert=0)
+    with pytest.raises(ValueError, match="top_k"):
+        SoftMoERouter(4, 3, 2)
+    with pytest.raises(ValueError, match="router_bias"):
+        SoftMoERouter(4, 3, bias=True)
+    assert SoftMoERouter(4, 3, router_dtype="bfloat16").router_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("cls", [LinearExperts, MLPExperts, SwiGLUExperts, GLUExperts])
+def test_expert_bank_constructor(cls):
+    bank = cls(3, 4, 5)
+    assert (bank.num_experts, bank.d_model, bank.d_ff, bank.d_out) == (3, 4, 5, 4)  # d_out defaults to d_model
+    assert cls(3, 4, 5, 6).d_out == 6
+    smallest = cls(1, 1, 1, 1)
+    assert (smallest.num_experts, smallest.d_model, smallest.d_ff, smallest.d_out) == (1, 1, 1, 1)
+    for args, arg in [((0, 4, 5), "num_experts"), ((3, 0, 5), "d_model"), ((3, 4, 0), "d_ff"),
+                      ((3, 4, 5, 0), "d_out")]:
+        with pytest.raises(ValueError, match=arg):
+            cls(*args)
+    with pytest.raises(TypeError, match="d_ff"):
+        cls(3, 4, 2.5)
+    with pytest.raises(TypeError, match="num_experts"):
+        cls(None, 4, 5)
+    with pytest.raises(TypeError, match="d_model"):
+        cls(3, "4", 5)
+    with pytest.raises(TypeError, match="d_out"):
+        cls(3, 4, 5, 1.5)
+
+
+def test_layer_constructor_defaults():
+    """MoELayer's public defaults: top-2 softmax router, SwiGLU experts, the torch backend, dropless,
+    Switch aux loss 0.01 and no other auxiliary term, float32 router without bias."""
+    layer = MoELayer(4, 8, 3)
+    assert (layer.d_model, layer.d_ff, layer.num_experts, layer.top_k, layer.d_out) == (4, 8, 3, 2, 4)
+    assert (layer.router.name, layer.experts.kind, layer.backend) == ("topk", "swiglu", "torch")
+    assert layer.capacity_factor is None and layer.last_info is None
+    assert (layer.aux_loss_coef, layer.z_loss_coef, layer.importance_loss_coef, layer.load_loss_coef) == (
+        0.01, 0.0, 0.0, 0.0)
+    assert layer.router.gate.bias is None and layer.router.router_dtype == "float32"
+    assert layer.router.normalize is True
+
+
+def test_layer_passes_its_options_to_the_router_and_the_experts():
+    assert MoELayer(4, 8, 3, normalize_weights=False).router.normalize is False
+    assert MoELayer(4, 8, 3, router="switch", normalize_weights=True).router.normalize is True
+    assert MoELayer(4, 8, 3, router_bias=True).router.gate.bias is not None
+    assert MoELayer(4, 8, 3, router_dtype="bfloat16").router.router_dtype == "bfloat16"
+    ec = MoELayer(4, 8, 3, 1, router="expert_choice", capacity_factor=2.0)
+    assert ec.router.capacity_factor == 2.0 and ec.capacity_factor == 2.0
+    assert MoELayer(4, 8, 3, router="hash", router_options={"hash_bits": 5}).router.hash_bits == 5
+    layer = MoELayer(4, 8, 3, expert="mlp", activation="relu", d_out=6)
+    assert layer.experts.activation == "relu" and layer.d_out == 6 and layer.experts.d_out == 6
+    assert MoELayer(4, 8, 3, expert="glu", activation="gelu").experts.activation == "gelu"
+    assert MoELayer(4, 8, 3, router="noisy_topk", load_loss_coef=0.5).load_loss_coef == 0.5
+    coefs = MoELayer(4, 8, 3, aux_loss_coef=0.0, z_loss_coef=1e-3, importance_loss_coef=0.1)
+    assert (coefs.aux_loss_coef, coefs.z_loss_coef, coefs.importance_loss_coef) == (0.0, 1e-3, 0.1)
+    assert MoELayer(1, 1, 1).top_k == 1
