@@ -20,7 +20,7 @@ import torch
 
 from moe_lib import EXPERTS, MoELayer
 from moe_lib.backends import BACKENDS
-from moe_lib.dispatch import make_plan
+from moe_lib.dispatch import make_plan, slot_plan
 from moe_lib.routers import Routing
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -386,3 +386,72 @@ def test_expert_parallel_aux_loss_and_gathered_state_equal_single_process():
             assert r["state_before"] == 0.0, (kw, r)    # the gather is the unsharded bank, bit for bit
             assert r["moved"] > 1e-3, (kw, r)           # the step really changed the experts
             assert r["state_after"] <= 1e-6, (kw, r)
+
+
+# ------------------------------------------------------------------ every field of a plan, by hand
+def _plan_fields(plan):
+    return {name: getattr(plan, name).tolist() for name in
+            ("token_index", "expert_index", "slot_index", "weights", "counts", "offsets", "requested", "kept")}
+
+
+def test_make_plan_every_field_by_hand():
+    """Top-2 over 3 experts, 4 tokens, c = ceil(1.0 · 4 · 2 / 3) = 3. Expert 0 is asked by tokens 0, 1, 2
+    (first choices) and token 3 (second choice): the second choice is dropped. Rows are grouped by expert
+    in (choice, token) order."""
+    experts = torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0]])
+    weights = torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.6, 0.4], [0.9, 0.1]])
+    routing = Routing(logits=torch.zeros(4, 3), probs=torch.full((4, 3), 1 / 3), experts=experts, weights=weights)
+    plan = make_plan(routing, capacity_factor=1.0)
+    assert _plan_fields(plan) == {
+        "token_index": [0, 1, 2, 3, 0, 2, 1], "expert_index": [0, 0, 0, 1, 1, 1, 2],
+        "slot_index": [0, 0, 0, 0, 1, 1, 1], "weights": pytest.approx([0.75, 0.5, 0.6, 0.9, 0.25, 0.4, 0.5]),
+        "counts": [3, 3, 1], "offsets": [0, 3, 6, 7], "requested": [4, 3, 1],
+        "kept": [[True, True], [True, True], [True, True], [True, False]],
+    }
+    assert plan.capacity == 3 and plan.valid is None
+    assert (plan.num_experts, plan.num_tokens, plan.dropped_assignments, plan.dropped_tokens) == (3, 4, 1, 0)
+    assert plan.position_in_expert().tolist() == [0, 1, 2, 0, 1, 2, 0]
+    for name in ("token_index", "expert_index", "slot_index", "counts", "offsets", "requested"):
+        assert getattr(plan, name).dtype == torch.int64, name
+    assert plan.kept.dtype == torch.bool and plan.weights.dtype == torch.float32
+    # dropless: the same rows plus token 3's second choice, last in expert 0's block
+    dropless = make_plan(routing)
+    assert dropless.capacity is None and dropless.dropped_assignments == 0
+    assert dropless.token_index.tolist() == [0, 1, 2, 3, 3, 0, 2, 1]
+    assert dropless.slot_index.tolist() == [0, 0, 0, 1, 0, 1, 1, 1]
+    assert dropless.offsets.tolist() == [0, 4, 7, 8] and dropless.kept.all()
+
+
+def test_make_plan_skips_invalid_entries():
+    """An entry marked not valid is no assignment: not requested, not kept, not counted as dropped."""
+    experts = torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0]])
+    valid = torch.tensor([[True, True], [True, False], [True, True], [True, True]])
+    weights = torch.tensor([[0.75, 0.25], [0.5, 0.0], [0.6, 0.4], [0.9, 0.1]])
+    routing = Routing(logits=torch.zeros(4, 3), probs=torch.full((4, 3), 1 / 3), experts=experts,
+                      weights=weights, valid=valid)
+    plan = make_plan(routing, capacity_factor=1.0)
+    assert plan.requested.tolist() == [4, 3, 0] and plan.counts.tolist() == [3, 3, 0]
+    assert plan.token_index.tolist() == [0, 1, 2, 3, 0, 2] and plan.offsets.tolist() == [0, 3, 6, 6]
+    assert plan.kept.tolist() == [[True, True], [True, False], [True, True], [True, False]]
+    assert plan.dropped_assignments == 1 and plan.dropped_tokens == 0 and plan.valid is valid
+    nobody = Routing(logits=torch.zeros(2, 2), probs=torch.full((2, 2), 0.5), experts=torch.tensor([[0], [1]]),
+                     weights=torch.tensor([[1.0], [0.0]]), valid=torch.tensor([[True], [False]]))
+    plan = make_plan(nobody)
+    assert plan.dropped_tokens == 1 and plan.dropped_assignments == 0 and plan.token_index.tolist() == [0]
+
+
+def test_slot_plan_every_field():
+    """Soft MoE's plan: slot s is row s, processed by expert s // p with weight 1 (Puigcerver et al. 2024)."""
+    plan = slot_plan(3, 2)
+    assert _plan_fields(plan) == {
+        "token_index": [0, 1, 2, 3, 4, 5], "expert_index": [0, 0, 1, 1, 2, 2], "slot_index": [0] * 6,
+        "weights": [1.0] * 6, "counts": [2, 2, 2], "offsets": [0, 2, 4, 6], "requested": [2, 2, 2],
+        "kept": [[True]] * 6,
+    }
+    assert plan.capacity is None and plan.valid is None and plan.dropped_assignments == 0
+    assert plan.requested is not plan.counts
+    for name in ("token_index", "expert_index", "slot_index", "counts", "offsets", "requested"):
+        assert getattr(plan, name).dtype == torch.int64, name
+    assert plan.weights.dtype == torch.float32 and plan.kept.dtype == torch.bool
+    assert slot_plan(2, 1).offsets.tolist() == [0, 1, 2] and slot_plan(1, 3).expert_index.tolist() == [0, 0, 0]
+    assert slot_plan(2, 2, device="cpu").token_index.device.type == "cpu"

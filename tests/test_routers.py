@@ -316,3 +316,163 @@ def test_future_influence_metric():
     assert future_influence(make_layer("topk", 4, 2), x) < CAUSAL_ATOL
     assert future_influence(make_layer("soft", 4), x) > 100 * CAUSAL_ATOL
     assert future_influence(make_layer("expert_choice", 4, 1), x, trials=20) > 100 * CAUSAL_ATOL
+
+
+# --------------------------------------------------------------------------- DeepSeek-V3's router
+def _deepseek_v3_reference(s, bias, k, n_group, topk_group, normalize, scaling):
+    """Token by token, in plain Python: DeepSeek-AI 2024, eq. 12–16, written independently of the library.
+    ``s`` [T, E] gate scores (already sigmoid or softmax). Returns (experts [T][k], weights [T][k])."""
+    experts, weights = [], []
+    E = len(s[0])
+    per = E // n_group
+    for row in s:
+        choice = [row[e] + bias[e] for e in range(E)]
+        groups = [sorted(choice[g * per:(g + 1) * per], reverse=True)[:2] for g in range(n_group)]
+        group_score = [sum(top) for top in groups]
+        best_groups = sorted(range(n_group), key=lambda g: -group_score[g])[:topk_group]
+        eligible = [e for e in range(E) if e // per in best_groups]
+        chosen = sorted(eligible, key=lambda e: -choice[e])[:k]
+        w = [row[e] for e in chosen]
+        if normalize:
+            w = [v / sum(w) for v in w]
+        experts.append(chosen)
+        weights.append([v * scaling for v in w])
+    return experts, weights
+
+
+def test_group_limited_router_defaults():
+    from moe_lib.routers import GroupLimitedRouter
+    r = GroupLimitedRouter(4, 8, 2)
+    assert (r.normalize, r.score, r.n_group, r.topk_group) == (True, "sigmoid", 1, 1)
+    assert (r.scaling_factor, r.update_rate, r.router_dtype) == (1.0, 0.0, "float32")
+    assert r.gate.bias is None and r.score_bias.tolist() == [0.0] * 8
+    assert r._pending_load is None
+    layer = MoELayer(4, 4, 8, 2, router="group_limited", expert="linear")
+    assert (layer.router.n_group, layer.router.scaling_factor, layer.router.score) == (1, 1.0, "sigmoid")
+
+
+@pytest.mark.parametrize("E, k, n_group, topk_group", [(8, 2, 1, 1), (8, 3, 4, 2), (8, 2, 2, 1), (4, 2, 4, 3),
+                                                        (12, 4, 3, 2)])
+@pytest.mark.parametrize("score, normalize, scaling", [("sigmoid", True, 2.5), ("softmax", False, 1.0),
+                                                       ("sigmoid", False, 1.0)])
+def test_group_limited_router_matches_an_independent_reference(E, k, n_group, topk_group, score, normalize,
+                                                               scaling):
+    from moe_lib.routers import GroupLimitedRouter
+    torch.manual_seed(E * 100 + k * 10 + n_group)
+    r = GroupLimitedRouter(6, E, k, score=score, n_group=n_group, topk_group=topk_group, normalize=normalize,
+                           scaling_factor=scaling).double()
+    with torch.no_grad():
+        r.score_bias.copy_(torch.randn(E, dtype=torch.float64) * 0.3)
+    x = torch.randn(9, 6, dtype=torch.float64)
+    routing = r(x)
+    logits = x @ r.gate.weight.T
+    s = logits.sigmoid() if score == "sigmoid" else logits.softmax(-1)
+    experts, weights = _deepseek_v3_reference(s.tolist(), r.score_bias.tolist(), k, n_group, topk_group,
+                                              normalize, scaling)
+    assert routing.experts.tolist() == experts
+    torch.testing.assert_close(routing.weights, torch.tensor(weights, dtype=torch.float64), rtol=1e-12, atol=0)
+    expected_probs = s / s.sum(-1, keepdim=True) if score == "sigmoid" else s
+    torch.testing.assert_close(routing.probs, expected_probs, rtol=1e-12, atol=0)
+    torch.testing.assert_close(routing.logits, logits, rtol=1e-12, atol=0)
+    assert routing.weights.dtype == routing.probs.dtype == torch.float64
+
+
+def test_group_limited_group_score_is_the_sum_of_the_two_best():
+    """Group 0 holds the single best expert (0.9) but group 1's two best sum higher (0.8 + 0.7): with one
+    eligible group the token must go to group 1 (a max-per-group rule would pick group 0)."""
+    from moe_lib.routers import GroupLimitedRouter
+    r = GroupLimitedRouter(2, 6, 2, n_group=2, topk_group=1)
+    scores = torch.tensor([[0.9, 0.0, 0.1, 0.8, 0.7, 0.0]])
+    assert r.select(scores).tolist() == [[3, 4]]
+    # three per group: a third-best that would tip a top-3 sum must not count (0.9 + 0.55 + 0.55 > 0.8 + 0.7)
+    scores = torch.tensor([[0.9, 0.55, 0.55, 0.8, 0.7, 0.0]])
+    assert r.select(scores).tolist() == [[3, 4]]
+    # the correction bias enters the selection: lift expert 1 and group 0 wins
+    with torch.no_grad():
+        r.score_bias[1] = 1.0
+    assert r.select(scores).tolist() == [[1, 0]]  # 1.55 + 0.9 beats 1.5
+    # without a group limit the plain top-k of scores + bias
+    assert GroupLimitedRouter(2, 6, 2).select(torch.tensor([[0.9, 0.0, 0.1, 0.8, 0.7, 0.0]])).tolist() == [[0, 3]]
+
+
+def test_group_limited_gate_values_ignore_the_bias_and_scale_after_normalising():
+    from moe_lib.routers import GroupLimitedRouter
+    r = GroupLimitedRouter(3, 4, 2, scaling_factor=2.5)
+    with torch.no_grad():
+        r.gate.weight.copy_(torch.eye(4, 3))
+        r.score_bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]))
+    x = torch.tensor([[2.0, 1.0, -1.0]])
+    routing = r(x)
+    assert routing.experts.tolist() == [[2, 0]]  # the bias lifts expert 2 into the selection
+    s = torch.tensor([2.0, 1.0, -1.0, 0.0]).sigmoid()
+    expected = torch.stack([s[2], s[0]]) / (s[2] + s[0]) * 2.5
+    torch.testing.assert_close(routing.weights[0], expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(routing.probs[0], s / s.sum(), rtol=1e-6, atol=0)
+    assert routing.weights.dtype == torch.float32
+    unnormalised = GroupLimitedRouter(3, 4, 2, normalize=False)
+    with torch.no_grad():
+        unnormalised.gate.weight.copy_(torch.eye(4, 3))
+    torch.testing.assert_close(unnormalised(x).weights[0], torch.stack([s[0], s[1]]), rtol=1e-6, atol=0)
+
+
+def test_group_limited_bias_update_after_a_training_step():
+    """b_i += u · sign(mean load − load_i) after a training forward pass only, once (Wang et al. 2024, eq. 3)."""
+    from moe_lib.routers import GroupLimitedRouter
+    r = GroupLimitedRouter(3, 3, 1, update_rate=0.25)
+    with torch.no_grad():
+        r.gate.weight.copy_(torch.eye(3))
+    x = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [1.0, 0, 0]])  # load [3, 1, 0], mean 4/3
+    r.eval()
+    r(x)
+    r.after_step()
+    assert r.score_bias.tolist() == [0.0, 0.0, 0.0]  # evaluation passes do not count
+    r.train()
+    r(x)
+    assert r._pending_load.tolist() == [3, 1, 0]
+    r.after_step()
+    assert r.score_bias.tolist() == [-0.25, 0.25, 0.25]
+    assert r._pending_load is None
+    r.after_step()  # nothing pending: no second update
+    assert r.score_bias.tolist() == [-0.25, 0.25, 0.25]
+    fixed = GroupLimitedRouter(3, 3, 1)  # update_rate 0: the bias never moves, the load is discarded
+    fixed.train()
+    fixed(x)
+    fixed.after_step()
+    assert fixed.score_bias.tolist() == [0.0, 0.0, 0.0] and fixed._pending_load is None
+
+
+def test_group_limited_scores_keep_float64_and_lift_bfloat16():
+    from moe_lib.routers import GroupLimitedRouter
+    r = GroupLimitedRouter(3, 4, 2, router_dtype="bfloat16")
+    logits = torch.randn(5, 4).bfloat16()
+    assert r.gate_scores(logits).dtype == torch.float32
+    assert GroupLimitedRouter(3, 4, 2, score="softmax").gate_scores(logits.double()).dtype == torch.float64
+    torch.testing.assert_close(GroupLimitedRouter(3, 4, 2, score="softmax").gate_scores(logits),
+                               logits.float().softmax(-1), rtol=1e-2, atol=1e-3)
+
+
+def test_balanced_assignment_auction_rounds_by_hand():
+    """Lewis et al. 2021, §3.1, by the greedy auction: each round every unassigned token bids for its best
+    expert with room, each expert takes its highest bids up to its room."""
+    # all four tokens want expert 0 (capacity 2): it keeps the two highest bids, the rest move on
+    scores = torch.tensor([[0.6, 0.1], [0.9, 0.1], [0.7, 0.1], [0.8, 0.1]])
+    assert balanced_assignment(scores).tolist() == [1, 0, 1, 0]
+    # two experts fill in the same round, each by its own bids' ranks
+    scores = torch.tensor([[0.1, 0.9], [0.95, 0.1], [0.2, 0.8], [0.3, 0.85]])
+    assert balanced_assignment(scores).tolist() == [1, 0, 0, 1]
+    # capacity 1: token 1 loses expert 0 to token 0, expert 1 is taken by token 2, so it gets expert 2
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.3, 0.2], [0.1, 0.5, 0.0]])
+    assert balanced_assignment(scores).tolist() == [0, 2, 1]
+    # an explicit capacity: ceil(4 / 2) = 2 by default, 3 lets expert 0 keep three tokens
+    scores = torch.tensor([[0.6, 0.1], [0.9, 0.1], [0.7, 0.1], [0.8, 0.1]])
+    assert balanced_assignment(scores, capacity=3).tolist() == [1, 0, 0, 0]
+    assert balanced_assignment(scores, capacity=4).tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match=r"capacity must be >= ceil\(T / E\) = 2, got 1"):
+        balanced_assignment(scores, capacity=1)
+    # ceil, not floor: 5 tokens over 2 experts allow 3 on one expert
+    five = torch.tensor([[0.9, 0.0], [0.8, 0.0], [0.7, 0.0], [0.6, 0.0], [0.5, 0.0]])
+    assert balanced_assignment(five).tolist() == [0, 0, 0, 1, 1]
+    out = balanced_assignment(torch.zeros(0, 3))
+    assert out.tolist() == [] and out.dtype == torch.int64
+    grad = torch.tensor([[0.2, 0.8], [0.9, 0.1]], dtype=torch.float64, requires_grad=True)
+    assert balanced_assignment(grad).tolist() == [1, 0]
