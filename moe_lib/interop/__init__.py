@@ -27,6 +27,7 @@ from .patch import (
     PatchedMoEBlock,
     patch_transformers,
     patched_blocks,
+    random_model,
     reset_routing_stats,
     routing_report,
     unpatch_transformers,
@@ -35,4 +36,5 @@ from .patch import (
 __all__ = ["FAMILIES", "SUPPORTED_BLOCKS", "ConvertedMoEBlock", "block_family", "equivalence",
            "from_transformers", "hf_routing", "random_block", "relative_error",
            "time_implementations", "SUPPORTED_MODEL_TYPES", "PatchedMoEBlock", "patch_transformers",
-           "patched_blocks", "reset_routing_stats", "routing_report", "unpatch_transformers"]
+           "patched_blocks", "random_model", "reset_routing_stats", "routing_report",
+           "unpatch_transformers"]
