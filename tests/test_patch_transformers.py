@@ -172,9 +172,10 @@ def test_router_logits_reach_hooks_installed_before_patching():
     patched blocks' logits taps get theirs at patch time."""
     model = random_model("olmoe", seed=3)
     inputs = _inputs("olmoe")
-    before = model(**inputs, output_router_logits=True)
-    moe_lib.patch_transformers(model)
-    after = model(**inputs, output_router_logits=True)
+    with torch.no_grad():
+        before = model(**inputs, output_router_logits=True)
+        moe_lib.patch_transformers(model)
+        after = model(**inputs, output_router_logits=True)
     assert len(after.router_logits) == len(before.router_logits) == 2
     for a, b in zip(after.router_logits, before.router_logits):
         assert relative_error(a, b) <= 1e-6
@@ -304,3 +305,29 @@ def test_exported_from_the_package():
     assert moe_lib.routing_report is moe_lib.interop.routing_report
     for name in ("patch_transformers", "unpatch_transformers", "routing_report"):
         assert name in moe_lib.__all__
+
+
+def test_a_block_that_would_not_round_trip_is_refused_and_nothing_changes():
+    """A block whose tensors have two dtypes cannot live in one moe_lib module without rounding: patching
+    says so, and no block of the model (not even the convertible first one) is touched."""
+    model = random_model("deepseek_v3")
+    model.model.layers[1].mlp.experts.to(torch.bfloat16)  # its router stays float32
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="DeepseekV3MoE: tensor 'gate.weight' would not round-trip bit for bit"):
+        moe_lib.patch_transformers(model)
+    assert not patched_blocks(model)
+    after = model.state_dict()
+    assert all(not v.is_meta and torch.equal(v, before[k]) for k, v in after.items())
+
+
+def test_training_only_jitter_is_announced():
+    with pytest.warns(UserWarning, match="router_jitter_noise=0.01 acts only in train"):
+        moe_lib.patch_transformers(random_model("mixtral", router_jitter_noise=0.01))
+
+
+def test_statistics_can_be_switched_off():
+    model = moe_lib.patch_transformers(random_model("olmoe"), record_stats=False)
+    with torch.no_grad():
+        model(**_inputs("olmoe"))
+    assert all(r["passes"] == 0 for r in moe_lib.routing_report(model))
+    assert all(r["tokens"] == 22 for r in moe_lib.routing_report(model, last=True))

@@ -256,11 +256,16 @@ def _patch_block(block: nn.Module, backend: str, record_stats: bool) -> PatchedM
             warnings.warn(f"{type(block).__name__}: router_jitter_noise={jitter} acts only in train() mode and "
                           "is not reproduced by moe_lib; set it to 0 to train the patched model identically",
                           stacklevel=3)
-    # the moe_lib module now owns these tensors: free the Hugging Face copies (shape and dtype stay, on meta)
-    for name in rebuilt:
-        t = originals[name]
-        _set_tensor(block, name, torch.empty_like(t, device="meta"))
     return patched
+
+
+def _release(patched: PatchedMoEBlock) -> None:
+    """The moe_lib module owns the weights now: free the Hugging Face copies it replaces (their shape and
+    dtype stay, on the meta device)."""
+    block = patched.original
+    originals = _block_tensors(block)
+    for name in _hf_tensors(patched, block):
+        _set_tensor(block, name, torch.empty_like(originals[name], device="meta"))
 
 
 def _unpatch_block(patched: PatchedMoEBlock) -> nn.Module:
@@ -333,8 +338,10 @@ def patch_transformers(model: nn.Module, backend: str = "torch", *, record_stats
         raise TypeError(f"unsupported model class {type(model).__name__}: no sparse MoE block of a supported "
                         f"family ({families}) in it; nothing was changed")
     hooked = [name for name, m in model.named_modules() if getattr(m, "_output_capturing_hooks_installed", False)]
-    patched_blocks = [(name, _patch_block(block, backend, record_stats)) for name, block in blocks]
-    for name, patched in patched_blocks:
+    # convert and check every block first: a block that fails leaves the whole model as it was
+    converted = [(name, _patch_block(block, backend, record_stats)) for name, block in blocks]
+    for name, patched in converted:
+        _release(patched)
         _replace(model, name, patched)
         if any(name.startswith(h + ".") or h == "" for h in hooked):
             # transformers installs its output hooks once per model; add the tap's as it would have
