@@ -1,7 +1,8 @@
 # The MoE Book: build, test and maintain the book and moe_lib.
 #
 #   make book        install, execute every notebook, build the HTML book (_build/html/index.html)
-#   make test        install, then unit tests, nbval, portability, papermill, strict book build, browser check
+#   make test        install, then unit tests, nbval, portability, papermill, strict book build, PDF, browser check
+#   make pdf         the whole book as one PDF, _build/pdf/moe-book.pdf (printed offline by headless Chromium)
 #   make notebooks   (authors) re-execute the notebooks in place so their stored outputs are fresh;
 #                    NB="notebooks/01_what_is_moe.ipynb ..." limits it to some notebooks
 #   make dist        moe_lib's sdist and wheel in _build/dist (offline: the build uses .venv's setuptools)
@@ -28,7 +29,7 @@ KERNEL := $(VENV)/share/jupyter/kernels/moe-book/kernel.json
 # The test steps must run in order (the browser test needs the built book).
 .NOTPARALLEL:
 .DEFAULT_GOAL := install
-.PHONY: install book notebooks dist test test-unit test-nbval test-portability test-papermill test-build test-browser \
+.PHONY: install book notebooks dist pdf test test-unit test-nbval test-portability test-papermill test-build test-pdf test-browser \
         mutation constraints clean distclean
 
 install: $(KERNEL)
@@ -59,7 +60,7 @@ dist: install
 	rm -rf build
 
 # ---------------------------------------------------------------------------------------- test
-test: test-unit test-nbval test-portability test-papermill test-build test-browser
+test: test-unit test-nbval test-portability test-papermill test-build test-pdf test-browser
 
 # (a) moe_lib's own tests: everything in tests/ but the notebook and browser tests; among them the
 #     workflow lint (tests/test_workflows.py) and the wheel test (tests/test_wheel.py: build, install into a
@@ -95,6 +96,13 @@ test-papermill: install
 # (d) the book builds from the stored outputs with no warning (-W --keep-going).
 test-build: install
 	$(PY) scripts/build_book.py
+
+# (d2) the PDF of the whole book: a single-page build printed by headless Chromium (scripts/build_pdf.py;
+#      copied beside the HTML book, which links to it). tests/test_pdf.py checks it in step (e).
+test-pdf: pdf
+
+pdf: install
+	$(PY) scripts/build_pdf.py
 
 # (e) the built pages in headless Chromium: no console error, no failed or outside request,
 #     every image loads, MathJax rendered. Screenshots in _build/screenshots/.

@@ -6,7 +6,7 @@ without a way to check it fails :func:`test_every_documented_command_is_checked`
 
 * ``make install`` / bare ``make``: run (a no-op once installed). Targets that rebuild or test everything,
   or delete things (``book``, ``test``, ``test-*``, ``notebooks``, ``clean``, ``distclean``,
-  ``constraints``, ``mutation``), run as ``make -n`` — the target exists and its recipe expands with the variables shown
+  ``constraints``, ``mutation``, ``pdf``, ``dist``), run as ``make -n`` — the target exists and its recipe expands with the variables shown
   (``make book`` and ``make test`` themselves are what CI runs).
 * ``python -m ...``: run; ``python -m moe_lib.bench`` on a CPU must refuse the production shapes with its
   message, ``--smoke`` is covered by ``tests/test_bench.py``.
@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = ["README.md", "book/intro.md"]
 VENV_BIN = Path(sys.executable).parent
-DRY_RUN_TARGETS = {"book", "test", "notebooks", "clean", "distclean", "constraints", "mutation"}
+DRY_RUN_TARGETS = {"book", "test", "notebooks", "clean", "distclean", "constraints", "mutation", "pdf", "dist"}
 INLINE_PREFIXES = ("make", "python -m", "python3 -m", "papermill", "pip ", ".venv/bin/")
 
 

@@ -157,9 +157,10 @@ def test_pages_builds_from_stored_outputs_and_deploys_with_the_official_actions(
     assert wf["concurrency"]["group"]
     assert {"actions/configure-pages", "actions/upload-pages-artifact", "actions/deploy-pages"} <= set(uses(PAGES))
     builds = [r for r in runs(PAGES) if r.startswith("make ")]
-    assert builds == ["make test-build"], builds  # no --execute: the stored outputs are published
-    dry = subprocess.run(["make", "-n", "test-build"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert dry.returncode == 0 and "build_book.py" in dry.stdout and "--execute" not in dry.stdout, dry.stdout
+    assert builds == ["make test-build", "make pdf"], builds  # no `make book`: the stored outputs are published
+    dry = subprocess.run(["make", "-n", "test-build", "pdf"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0 and "build_book.py" in dry.stdout and "build_pdf.py" in dry.stdout, dry.stdout
+    assert "--execute" not in dry.stdout, dry.stdout
     upload = next(s for job in wf["jobs"].values() for s in job["steps"]
                   if s.get("uses", "").startswith("actions/upload-pages-artifact"))
     assert upload["with"]["path"] == "_build/html"
