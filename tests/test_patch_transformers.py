@@ -238,6 +238,16 @@ def test_routing_report_counts_switch_drops():
         assert sum(r["processed"]) == sum(r["load"]) == r["assignments"]
 
 
+def test_init_weights_runs_on_a_patched_model():
+    """transformers' initialiser visits every module of a router class; the logits taps are such modules
+    and must not make it fail (what it redraws is its business: init_weights reinitialises the model)."""
+    model = moe_lib.patch_transformers(random_model("deepseek_v3"))
+    model.init_weights()
+    with torch.no_grad():
+        assert torch.isfinite(model(**_inputs("deepseek_v3")).logits).all()
+    assert not any(k.endswith(("router_logits.weight", "e_score_correction_bias")) for k in model.state_dict())
+
+
 def test_a_frozen_block_stays_frozen():
     model = random_model("qwen3_moe")
     model.model.layers[0].mlp.requires_grad_(False)

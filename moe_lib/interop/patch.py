@@ -66,6 +66,10 @@ _TAPS: dict[tuple[type, int], type] = {}
 
 def _tap_init(self):
     nn.Module.__init__(self)
+    # empty stand-ins for what transformers' _init_weights touches on a router (init_weights() stays a no-op
+    # here); non-persistent, so not in the state_dict
+    self.register_buffer("weight", torch.empty(0), persistent=False)
+    self.register_buffer("e_score_correction_bias", torch.empty(0), persistent=False)
 
 
 def _tap_forward(self, logits: Tensor):
