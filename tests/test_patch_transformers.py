@@ -182,6 +182,20 @@ def test_router_logits_reach_hooks_installed_before_patching():
     assert relative_error(after.aux_loss, before.aux_loss) <= TOL
 
 
+def test_router_logits_after_unpatching_when_hooks_came_while_patched():
+    """Hooks installed while the model was patched went to the taps; unpatching gives the original
+    routers theirs."""
+    model, reference, _ = _pair("qwen2_moe")
+    inputs = _inputs("qwen2_moe")
+    with torch.no_grad():
+        model(**inputs, output_router_logits=True)
+        moe_lib.unpatch_transformers(model)
+        after = model(**inputs, output_router_logits=True)
+        expected = reference(**inputs, output_router_logits=True)
+    assert len(after.router_logits) == 2
+    assert relative_error(after.aux_loss, expected.aux_loss) == 0.0
+
+
 def test_every_backend_and_backend_switch():
     """The patched blocks run on each moe_lib backend (Triton in its interpreter without CUDA)."""
     model, reference, _ = _pair("deepseek_v3")

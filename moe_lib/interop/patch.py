@@ -113,6 +113,7 @@ class PatchedMoEBlock(ConvertedMoEBlock):
         object.__setattr__(self, "original", original)  # not a submodule: not in parameters()/state_dict()
         self.record_stats = record_stats
         self._stats: dict | None = None
+        self._router_hooked = False  # set by patch_transformers
         self.train(original.training)
 
     def extra_repr(self) -> str:
@@ -278,6 +279,8 @@ def _unpatch_block(patched: PatchedMoEBlock) -> nn.Module:
         rebuilt = _hf_tensors(patched, block)
         for name, value in rebuilt.items():
             _set_tensor(block, name, value.detach().clone(memory_format=torch.contiguous_format))
+    # what stayed in the block (a width-0 shared expert and its gate) follows the weights' device
+    block.to(device=patched.moe.router.gate.weight.device)
     return block.train(patched.training)
 
 
@@ -341,18 +344,33 @@ def patch_transformers(model: nn.Module, backend: str = "torch", *, record_stats
                             "(all its layers are dense); nothing was changed")
         raise TypeError(f"unsupported model class {type(model).__name__}: no sparse MoE block of a supported "
                         f"family ({families}) in it; nothing was changed")
-    hooked = [name for name, m in model.named_modules() if getattr(m, "_output_capturing_hooks_installed", False)]
+    hooked = _hooked(model)
     # convert and check every block first: a block that fails leaves the whole model as it was
     converted = [(name, _patch_block(block, backend, record_stats)) for name, block in blocks]
     for name, patched in converted:
         _release(patched)
         _replace(model, name, patched)
-        if any(name.startswith(h + ".") or h == "" for h in hooked):
-            # transformers installs its output hooks once per model; add the tap's as it would have
-            from transformers.utils.output_capturing import install_output_capuring_hook
-
-            install_output_capuring_hook(patched.router_logits, "router_logits", patched.router_logits.index)
+        patched._router_hooked = _under(name, hooked)  # the original router has transformers' hook
+        if patched._router_hooked:
+            _install_router_hook(patched.router_logits, patched.router_logits.index)
     return model
+
+
+def _hooked(model: nn.Module) -> list[str]:
+    """Names of the (sub)models on which transformers has installed its output-capturing hooks."""
+    return [name for name, m in model.named_modules() if getattr(m, "_output_capturing_hooks_installed", False)]
+
+
+def _under(name: str, prefixes: list[str]) -> bool:
+    return any(p == "" or name.startswith(p + ".") for p in prefixes)
+
+
+def _install_router_hook(module: nn.Module, index: int) -> None:
+    """transformers installs its output hooks once per model, on its first ``output_*`` call; a router
+    module that enters the model later gets the ``router_logits`` hook it would have had."""
+    from transformers.utils.output_capturing import install_output_capuring_hook
+
+    install_output_capuring_hook(module, "router_logits", index)
 
 
 def unpatch_transformers(model: nn.Module) -> nn.Module:
@@ -371,8 +389,13 @@ def unpatch_transformers(model: nn.Module) -> nn.Module:
     patched = [(name, m) for name, m in model.named_modules() if isinstance(m, PatchedMoEBlock)]
     if not patched:
         raise ValueError(f"{type(model).__name__} has no block patched by moe_lib.patch_transformers")
+    hooked = _hooked(model)
     for name, m in patched:
-        _replace(model, name, _unpatch_block(m))
+        block = _unpatch_block(m)
+        _replace(model, name, block)
+        if _under(name, hooked) and not m._router_hooked:  # hooks installed while it was patched
+            _install_router_hook(block.router if m.family == "switch_transformers" else block.gate,
+                                 m.router_logits.index)
     return model
 
 
