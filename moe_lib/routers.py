@@ -400,9 +400,9 @@ def hash_to_expert(ids: Tensor, num_experts: int, seed: int = 0) -> Tensor:
     """A fixed random hash of integer ids into ``[0, E)``: ``((a · id + b) mod p) mod E``, ``p = 2³¹ − 1``,
     with ``a, b`` drawn once from ``seed`` (a universal hash family: distinct ids land on uniformly random,
     independent-looking experts, the "random hash" of Roller et al. 2021, §3)."""
-    g = torch.Generator().manual_seed(int(seed))
-    a = int(torch.randint(1, _HASH_PRIME, (1,), generator=g))
-    b = int(torch.randint(0, _HASH_PRIME, (1,), generator=g))
+    g = torch.Generator().manual_seed(int(seed))  # a CPU generator, drawn on the CPU whatever the default device
+    a = int(torch.randint(1, _HASH_PRIME, (1,), generator=g, device="cpu"))
+    b = int(torch.randint(0, _HASH_PRIME, (1,), generator=g, device="cpu"))
     ids = ids.long() % _HASH_PRIME
     return ((ids * a + b) % _HASH_PRIME) % num_experts
 
@@ -440,7 +440,7 @@ class HashRouter(Router):
 
     def content_ids(self, x: Tensor) -> Tensor:
         """``[T]`` integer code of each token: the bits ``x · R > 0`` of a fixed random projection ``R``."""
-        bits = (x.float() @ self.projection > 0).long()
+        bits = (x.float() @ self.projection.float() > 0).long()  # float32 whatever the model's dtype
         return (bits << torch.arange(self.hash_bits, device=x.device)).sum(-1)
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
@@ -557,7 +557,7 @@ class SoftMoERouter(Router):
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
         logits = self.scores(x)
         num_tokens = x.shape[0]
-        dispatch = logits.softmax(dim=0) if num_tokens else logits
+        dispatch = logits.softmax(dim=0)  # over the tokens (an empty batch stays empty)
         combine = logits.softmax(dim=1)
         if combine.dtype != torch.float64:
             dispatch, combine = dispatch.float(), combine.float()

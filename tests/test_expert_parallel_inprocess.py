@@ -427,3 +427,16 @@ def test_single_gloo_rank_triton_backend(gloo_rank):
         y_ref = layer(x)
         y = ExpertParallelMoE.from_layer(layer)(x)
     torch.testing.assert_close(y, y_ref, **TOL)
+
+
+def _ep_rank_default_meta(rank, world_size, layers, per_rank):
+    with torch.device("meta"):
+        return _ep_rank(rank, world_size, layers, per_rank)
+
+
+def test_tensors_follow_the_input_device_not_the_default_device(gloo_rank):
+    """Every tensor the expert-parallel layer creates goes on the input's device: under ``meta`` as the
+    default device (as ``torch.set_default_device("cuda")`` would be) a tensor made without ``device=``
+    breaks the forward pass or its result."""
+    layers, per_rank, refs = _setup(CASES, 1, seed=11)
+    _check([_ep_rank_default_meta(0, 1, layers, per_rank)], refs, CASES, 1)

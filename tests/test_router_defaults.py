@@ -217,3 +217,14 @@ def test_layer_passes_its_options_to_the_router_and_the_experts():
     coefs = MoELayer(4, 8, 3, aux_loss_coef=0.0, z_loss_coef=1e-3, importance_loss_coef=0.1)
     assert (coefs.aux_loss_coef, coefs.z_loss_coef, coefs.importance_loss_coef) == (0.0, 1e-3, 0.1)
     assert MoELayer(1, 1, 1).top_k == 1
+
+
+def test_every_expert_routers_explain_their_top_k():
+    with pytest.raises(ValueError) as excinfo:
+        ROUTERS["dense"](4, 3, 2)
+    assert str(excinfo.value) == ("router='dense' weights every expert, so top_k must equal num_experts (3) or be "
+                                  "None, got top_k=2; use router='topk' to keep only k experts")
+    with pytest.raises(ValueError) as excinfo:
+        SoftMoERouter(4, 3, 1)
+    assert str(excinfo.value) == ("router='soft' mixes every expert into every token, so top_k must equal "
+                                  "num_experts (3) or be None, got top_k=1; set slots_per_expert instead")

@@ -476,3 +476,40 @@ def test_balanced_assignment_auction_rounds_by_hand():
     assert out.tolist() == [] and out.dtype == torch.int64
     grad = torch.tensor([[0.2, 0.8], [0.9, 0.1]], dtype=torch.float64, requires_grad=True)
     assert balanced_assignment(grad).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("router", ALL)
+@pytest.mark.parametrize("backend", ["loop", "torch", "grouped_mm"])
+def test_forward_follows_the_input_device_not_the_default_device(router, backend):
+    """Every tensor the data path creates goes on the input's device. Under ``torch.device("meta")`` as the
+    default device (as ``torch.set_default_device("cuda")`` would be for a GPU user), a tensor created
+    without ``device=`` lands on ``meta`` and the forward pass fails or changes."""
+    capacity = None if router in ("dense", "soft") else 1.0
+    layer = MoELayer(4, 8, 4, router=router, expert="mlp", backend=backend, capacity_factor=capacity)
+    x = torch.randn(6, 4)
+    for training in (False, True):
+        layer.train(training)
+        torch.manual_seed(1)
+        expected = layer(x)
+        torch.manual_seed(1)
+        with torch.device("meta"):
+            y = layer(x)
+        assert y.device.type == "cpu"
+        torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("router", ALL)
+def test_router_output_dtypes(router):
+    """float64 inputs stay float64 end to end; a bfloat16 router still returns float32 probabilities and
+    weights (routers.Routing), and the experts' ids are int64."""
+    layer = MoELayer(4, 8, 4, router=router, expert="linear").double()
+    r = layer.router(torch.randn(5, 4, dtype=torch.float64))
+    assert r.probs.dtype == r.weights.dtype == torch.float64, router
+    assert r.experts.dtype == torch.int64 and (r.valid is None or r.valid.dtype == torch.bool)
+    low = MoELayer(4, 8, 4, router=router, expert="linear", router_dtype="bfloat16").router
+    r = low(torch.randn(5, 4))
+    assert r.probs.dtype == r.weights.dtype == torch.float32, router
+    if router not in ("hash",):
+        assert r.logits.dtype == torch.bfloat16
+    if r.is_soft:
+        assert r.dispatch.dtype == r.combine.dtype == torch.float32
