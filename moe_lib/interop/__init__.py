@@ -7,8 +7,10 @@
   for moe_lib's in place, and back bit for bit; :func:`routing_report` — the patched layers' routing
   statistics.
 
-``transformers`` is an optional dependency (``pip install moe-lib[interop]``); this package imports it
-never — it reads the block it is given.
+``transformers`` is an optional dependency (``pip install moe-lib[interop]``). Importing this package
+never imports it: :func:`from_transformers` reads the block it is given; :func:`patch_transformers`,
+:func:`random_model` and :func:`random_block` import it when called (the first two raise an ImportError
+that names the extra when it is missing).
 """
 from .hf import (
     FAMILIES,
