@@ -30,7 +30,7 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
+import tarfile
 import textwrap
 import tomllib
 import zipfile
@@ -175,6 +175,12 @@ def test_sdist_and_wheel_hold_the_library_and_not_the_book(built):
     assert core == CORE_REQUIREMENTS, core
     assert {"kernels", "interop", "vowels", "book", "test"} <= set(meta.get_all("Provides-Extra"))
     assert meta["Version"] == version
+    with tarfile.open(sdist) as tf:
+        inside = {Path(m.name).relative_to(sdist.name.removesuffix(".tar.gz")).parts[0] for m in tf.getmembers()
+                  if "/" in m.name}
+    # the sdist: the library, its metadata and setuptools' default test files; no notebook, page or benchmark
+    assert inside <= {"moe_lib", "moe_lib.egg-info", "tests", "PKG-INFO", "README.md", "LICENSE", "pyproject.toml",
+                      "setup.cfg"}, inside
 
 
 def test_readme_library_example_runs_with_core_dependencies_only(fresh_venv, tmp_path):
