@@ -11,7 +11,7 @@ from ._validate import check_choice, check_int, check_nonnegative_float, check_p
 from .backends import BACKENDS
 from .dispatch import DispatchPlan, make_plan, slot_plan
 from .experts import ACTIVATIONS, EXPERTS
-from .losses import importance_loss, load_balancing_loss, load_loss, router_z_loss
+from .losses import auxiliary_losses
 from .metrics import routing_stats
 from .routers import ROUTERS, Routing
 
@@ -216,20 +216,17 @@ class MoELayer(nn.Module):
             capacity_factor = None if self.router.owns_capacity else self.capacity_factor
             plan = make_plan(routing, capacity_factor)
             y = backend(self.experts, tokens, plan)
-        aux_losses = {
-            "load_balance": load_balancing_loss(routing.probs, routing.experts, routing.valid),
-            "z_loss": router_z_loss(routing.logits),
-            "importance": importance_loss(routing.dense_weights()),
-        }
-        aux_loss = (self.aux_loss_coef * aux_losses["load_balance"] + self.z_loss_coef * aux_losses["z_loss"]
-                    + self.importance_loss_coef * aux_losses["importance"])
-        if routing.noise_std is not None:
-            aux_losses["load"] = load_loss(routing.clean_logits, routing.logits, routing.noise_std, routing.top_k)
-            aux_loss = aux_loss + self.load_loss_coef * aux_losses["load"]
+        aux_losses, aux_loss = self.auxiliary_losses(routing)
         info = MoEInfo(routing=routing, plan=plan, aux_losses=aux_losses, aux_loss=aux_loss)
         self.last_info = info
         y = y.reshape(*leading, self.d_out)
         return (y, info) if return_info else y
+
+    def auxiliary_losses(self, routing: Routing) -> tuple[dict[str, Tensor], Tensor]:
+        """The auxiliary terms of ``routing`` by name and their sum weighted by this layer's coefficients
+        (:func:`moe_lib.losses.auxiliary_losses`)."""
+        return auxiliary_losses(routing, aux_loss_coef=self.aux_loss_coef, z_loss_coef=self.z_loss_coef,
+                                importance_loss_coef=self.importance_loss_coef, load_loss_coef=self.load_loss_coef)
 
     def expert_outputs(self, x: Tensor) -> Tensor:
         """Every expert on every token, ignoring the router: ``[..., d_model]`` -> ``[..., E, d_out]``.

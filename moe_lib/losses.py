@@ -8,8 +8,13 @@
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .routers import Routing
 
 
 def load_balancing_loss(probs: Tensor, experts: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -90,3 +95,25 @@ def load_loss(clean_logits: Tensor, noisy_logits: Tensor, noise_std: Tensor, top
     """Shazeer et al. (2017, Appendix A, eq. 11): ``CV(Load(X))²`` of :func:`shazeer_load`
     (``w_load = 0.1`` in Table 6)."""
     return cv_squared(shazeer_load(clean_logits, noisy_logits, noise_std, top_k))
+
+
+def auxiliary_losses(routing: Routing, *, aux_loss_coef: float, z_loss_coef: float = 0.0,
+                     importance_loss_coef: float = 0.0, load_loss_coef: float = 0.0) -> tuple[dict[str, Tensor], Tensor]:
+    """Every auxiliary term of one routing, unweighted by name, and their weighted sum.
+
+    ``"load_balance"`` (Fedus et al. 2022, eq. 4), ``"z_loss"`` (Zoph et al. 2022, eq. 5),
+    ``"importance"`` (Shazeer et al. 2017, eq. 6) and, for the noisy top-k router only, ``"load"``
+    (Shazeer et al. 2017, eq. 11). The one place the sum is formed: :class:`~moe_lib.MoELayer` and the
+    expert-parallel layer both call it.
+    """
+    terms = {
+        "load_balance": load_balancing_loss(routing.probs, routing.experts, routing.valid),
+        "z_loss": router_z_loss(routing.logits),
+        "importance": importance_loss(routing.dense_weights()),
+    }
+    total = (aux_loss_coef * terms["load_balance"] + z_loss_coef * terms["z_loss"]
+             + importance_loss_coef * terms["importance"])
+    if routing.noise_std is not None:
+        terms["load"] = load_loss(routing.clean_logits, routing.logits, routing.noise_std, routing.top_k)
+        total = total + load_loss_coef * terms["load"]
+    return terms, total

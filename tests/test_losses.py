@@ -112,3 +112,27 @@ def test_losses_on_empty_batches():
     _, info = layer(torch.zeros(0, 4), return_info=True)
     assert set(info.aux_losses) == {"load_balance", "z_loss", "importance", "load"}
     assert all(v.item() == 0.0 for v in info.aux_losses.values()) and info.aux_loss.item() == 0.0
+
+
+def test_auxiliary_losses_names_every_term_and_weights_the_sum():
+    from moe_lib.losses import auxiliary_losses
+    from moe_lib.routers import Routing
+    probs = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    routing = Routing(logits=probs.log() + 1.0, probs=probs, experts=torch.tensor([[0], [0]]),
+                      weights=torch.tensor([[1.0], [1.0]]))
+    terms, total = auxiliary_losses(routing, aux_loss_coef=0.5, z_loss_coef=2.0, importance_loss_coef=3.0,
+                                    load_loss_coef=7.0)
+    assert list(terms) == ["load_balance", "z_loss", "importance"]  # "load" only for the noisy router
+    torch.testing.assert_close(terms["load_balance"], torch.tensor(1.1))
+    torch.testing.assert_close(terms["z_loss"], torch.tensor(1.0))  # logsumexp of log-probs + 1 is 1
+    torch.testing.assert_close(terms["importance"], torch.tensor(1.0))  # importance [2, 0]: CV² = 1
+    torch.testing.assert_close(total, torch.tensor(0.5 * 1.1 + 2.0 * 1.0 + 3.0 * 1.0))
+    _, switch_only = auxiliary_losses(routing, aux_loss_coef=0.01)
+    torch.testing.assert_close(switch_only, torch.tensor(0.011))
+    noisy = MoELayer(4, 4, 3, 2, router="noisy_topk", expert="linear", load_loss_coef=7.0, aux_loss_coef=0.0)
+    with torch.no_grad():
+        noisy.router.noise.weight.fill_(0.5)
+    r = noisy.router(torch.randn(6, 4))
+    terms, total = auxiliary_losses(r, aux_loss_coef=0.0, load_loss_coef=7.0)
+    assert list(terms) == ["load_balance", "z_loss", "importance", "load"]
+    torch.testing.assert_close(total, 7.0 * load_loss(r.clean_logits, r.logits, r.noise_std, 2))

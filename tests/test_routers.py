@@ -513,3 +513,26 @@ def test_router_output_dtypes(router):
         assert r.logits.dtype == torch.bfloat16
     if r.is_soft:
         assert r.dispatch.dtype == r.combine.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"normalize": "yes"}, TypeError, "normalize_weights must be True or False"),
+    ({"score": "tanh"}, ValueError, "unknown score 'tanh'; accepted values: 'sigmoid', 'softmax'"),
+    ({"n_group": 0}, ValueError, "n_group must be an integer between 1 and 8, got 0"),
+    ({"n_group": 16}, ValueError, "n_group must be an integer between 1 and 8, got 16"),
+    ({"n_group": 3}, ValueError, "n_group must divide num_experts=8, got n_group=3"),
+    ({"n_group": 4, "topk_group": 0}, ValueError, "topk_group must be an integer between 1 and 4, got 0"),
+    ({"n_group": 4, "topk_group": 5}, ValueError, "topk_group must be an integer between 1 and 4, got 5"),
+    ({"n_group": 4, "topk_group": 1}, ValueError,
+     "top_k must be <= topk_group * num_experts / n_group = 2 (the experts a token may reach), got top_k=3"),
+    ({"scaling_factor": 0.0}, ValueError, "scaling_factor must be"),
+    ({"update_rate": -0.1}, ValueError, "update_rate must be a finite number >= 0"),
+])
+def test_group_limited_router_bad_arguments(kwargs, error, message):
+    from moe_lib.routers import GroupLimitedRouter
+    with pytest.raises(error) as excinfo:
+        GroupLimitedRouter(4, 8, 3, **kwargs)
+    assert str(excinfo.value).startswith(message), str(excinfo.value)
+    ok = GroupLimitedRouter(4, 8, 2, n_group=8, topk_group=8, score="softmax", scaling_factor=0.5, update_rate=0.0)
+    assert (ok.n_group, ok.topk_group, ok.score, ok.scaling_factor) == (8, 8, "softmax", 0.5)
+    assert GroupLimitedRouter(4, 8, 2, n_group=4, topk_group=1).top_k == 2  # exactly the reachable experts

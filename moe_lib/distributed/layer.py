@@ -28,7 +28,7 @@ from .._validate import check_bool
 from ..backends import BACKENDS
 from ..dispatch import DispatchPlan, combine, make_plan
 from ..layer import MoELayer
-from ..losses import importance_loss, load_balancing_loss, load_loss, router_z_loss
+from ..losses import auxiliary_losses
 from .comm import all_to_all, exchange_counts
 
 
@@ -169,15 +169,11 @@ class ExpertParallelMoE(nn.Module):
         return y, (routing, plan, self._aux_loss(routing))
 
     def _aux_loss(self, routing) -> Tensor:
-        """Every auxiliary term of :class:`~moe_lib.MoELayer` with its coefficient, on this rank's tokens:
-        Switch load balance, z-loss, importance and (noisy top-k) load."""
-        aux = (self.aux_loss_coef * load_balancing_loss(routing.probs, routing.experts, routing.valid)
-               + self.z_loss_coef * router_z_loss(routing.logits)
-               + self.importance_loss_coef * importance_loss(routing.dense_weights()))
-        if routing.noise_std is not None:
-            aux = aux + self.load_loss_coef * load_loss(routing.clean_logits, routing.logits, routing.noise_std,
-                                                        routing.top_k)
-        return aux
+        """Every auxiliary term of :class:`~moe_lib.MoELayer` with its coefficient, on this rank's tokens
+        (the same :func:`moe_lib.losses.auxiliary_losses` the layer calls)."""
+        return auxiliary_losses(routing, aux_loss_coef=self.aux_loss_coef, z_loss_coef=self.z_loss_coef,
+                                importance_loss_coef=self.importance_loss_coef,
+                                load_loss_coef=self.load_loss_coef)[1]
 
     def sync_router_grads(self) -> None:
         """All-reduce (sum) the replicated router's gradients, as data parallelism would."""
