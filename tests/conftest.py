@@ -1,6 +1,7 @@
 """Shared test setup.
 
-* Choose Triton's interpreter before anything can import Triton (no CUDA here).
+* Choose Triton's interpreter before anything can import Triton (no CUDA here); one torch thread per
+  pytest-xdist worker.
 * Under ``CI`` set to a true value (``1``, ``true``, ``yes``, ``on``; any case), a skipped test is a
   failure: a missing optional package, a missing built book or a broken import must not turn CI green by
   skipping. The few skips that are legitimate on the CI machine are listed in :data:`CI_ALLOWED_SKIPS`.
@@ -18,6 +19,13 @@ from hypothesis import settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Under pytest-xdist each worker is a process that torch gives one intra-op thread per core: two workers
+# on the 2-core CI machine ask for four threads, and torch's spinning thread pool then makes small ops
+# (a GELU on one row, a tiny matmul) 10-100x slower. One thread per worker; a plain `pytest` keeps torch's
+# default.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 #: Hypothesis profiles (choose with ``HYPOTHESIS_PROFILE=<name>``; ``--hypothesis-profile`` works too).
 #: Examples are random on every run, not ``derandomize=True``: a fixed seed would check the same examples
