@@ -221,9 +221,7 @@ EXTRAS = [
     pytest.param("interop", "import moe_lib.interop; moe_lib.interop.random_model('mixtral')", "moe-lib[interop]",
                  id="interop-random-model"),
     pytest.param("interop", "import moe_lib.interop; moe_lib.interop.random_block('mixtral')", "moe-lib[interop]",
-                 id="interop-random-block", marks=pytest.mark.xfail(strict=True, reason=(
-                     "moe_lib.interop.random_block raises a bare \"No module named 'transformers'\"; the "
-                     "owner of moe_lib/interop/ is to name the extra (then remove this mark)"))),
+                 id="interop-random-block"),
 ]
 
 

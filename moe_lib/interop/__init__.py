@@ -9,8 +9,8 @@
 
 ``transformers`` is an optional dependency (``pip install moe-lib[interop]``). Importing this package
 never imports it: :func:`from_transformers` reads the block it is given; :func:`patch_transformers`,
-:func:`random_model` and :func:`random_block` import it when called (the first two raise an ImportError
-that names the extra when it is missing).
+:func:`random_model` and :func:`random_block` import it when called (and raise an ImportError that
+names the extra when it is missing).
 """
 from .hf import (
     FAMILIES,

@@ -364,6 +364,24 @@ _RANDOM = {
 }
 
 
+INSTALL_HINT = "pip install moe-lib[interop]"
+
+
+def require_transformers(caller: str):
+    """Import ``transformers`` (>= 5) for ``caller`` or raise an ImportError that names the extra."""
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError(f"{caller} needs Hugging Face transformers; install it with `{INSTALL_HINT}`") from None
+    major = int(str(transformers.__version__).split(".")[0])
+    if major < 5:
+        raise ImportError(
+            f"{caller} follows the transformers 5 block interface; installed transformers "
+            f"{transformers.__version__}; upgrade with `{INSTALL_HINT}`"
+        )
+    return transformers
+
+
 def random_block(family: str, *, seed: int = 0, bias_std: float = 0.1, experts_implementation: str = "eager",
                  **config) -> nn.Module:
     """A Hugging Face block of ``family`` with a small random config, in eval mode — nothing downloaded.
@@ -379,6 +397,7 @@ def random_block(family: str, *, seed: int = 0, bias_std: float = 0.1, experts_i
     from .._validate import check_choice
 
     check_choice("family", family, _RANDOM)
+    require_transformers("moe_lib.interop.random_block")
     import importlib
 
     module_name, config_name, block_name, defaults = _RANDOM[family]

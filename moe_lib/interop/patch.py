@@ -28,30 +28,10 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .hf import FAMILIES, SUPPORTED_BLOCKS, ConvertedMoEBlock, from_transformers
+from .hf import FAMILIES, SUPPORTED_BLOCKS, ConvertedMoEBlock, from_transformers, require_transformers
 
 #: ``config.model_type`` of the models whose blocks :func:`patch_transformers` converts.
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
-
-_INSTALL = "pip install moe-lib[interop]"
-
-
-def _require_transformers():
-    """Import ``transformers`` (>= 5) or raise an ImportError that says how to install it."""
-    try:
-        import transformers
-    except ImportError:
-        raise ImportError(
-            f"moe_lib.patch_transformers needs Hugging Face transformers; install it with `{_INSTALL}`"
-        ) from None
-    major = int(str(transformers.__version__).split(".")[0])
-    if major < 5:
-        raise ImportError(
-            f"moe_lib.patch_transformers follows the transformers 5 block interface; installed "
-            f"transformers {transformers.__version__}; upgrade with `{_INSTALL}`"
-        )
-    return transformers
-
 
 def _family_of(module: nn.Module) -> str | None:
     for cls in type(module).__mro__:
@@ -326,7 +306,7 @@ def patch_transformers(model: nn.Module, backend: str = "torch", *, record_stats
     from .._validate import check_bool, check_choice
     from ..backends import BACKENDS
 
-    _require_transformers()
+    require_transformers("moe_lib.patch_transformers")
     check_choice("backend", backend, BACKENDS)
     check_bool("record_stats", record_stats)
     families = ", ".join(f"{v['name']} ({k})" for k, v in FAMILIES.items())
@@ -515,7 +495,7 @@ def random_model(family: str, *, seed: int = 0, bias_std: float = 0.1, **config)
     from .._validate import check_choice
 
     check_choice("family", family, _RANDOM_MODELS)
-    transformers = _require_transformers()
+    transformers = require_transformers("moe_lib.interop.random_model")
     config_name, model_name, defaults = _RANDOM_MODELS[family]
     cfg = getattr(transformers, config_name)(**{**defaults, **config})
     torch.manual_seed(int(seed))
