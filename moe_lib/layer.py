@@ -63,11 +63,14 @@ class MoELayer(nn.Module):
             gated experts only); see :mod:`moe_lib.backends`.
         capacity_factor: ``None`` for dropless, else each expert processes at most
             ``ceil(capacity_factor · T · k / E)`` assignments and the rest are dropped and counted. For
-            ``"expert_choice"`` it scales the number of tokens each expert takes (``None`` = 1).
+            ``"expert_choice"`` it scales the number of tokens each expert takes (``None`` = 1). Soft MoE
+            drops nothing, so a capacity for ``"soft"`` is an error.
         normalize_weights: renormalise the top-k weights to sum to 1 (``True``, Mixtral) or keep the raw
             gate probabilities (``False``, Switch). ``None`` (default) keeps the router's own convention:
-            raw for ``"switch"``, renormalised for the other top-k routers.
-        router_bias: give the gate a bias term.
+            raw for ``"switch"``, renormalised for the other top-k routers. A router without that choice
+            (dense, expert choice, hash, BASE, Soft MoE) refuses it, as ``"noisy_topk"`` and ``"gshard"``
+            refuse ``False``: an option that would be ignored is an error.
+        router_bias: give the gate a bias term (not for ``"hash"`` and ``"soft"``, which have no such gate).
         activation: hidden activation of ``mlp`` and ``glu`` experts (``"relu"``, ``"gelu"``, ``"silu"``,
             ``"tanh"``); ``None`` keeps the expert's default (GELU for ``mlp``, SiLU for ``glu``). Giving one
             to an expert kind without a free activation (``linear``, ``swiglu``) is an error.
@@ -151,8 +154,17 @@ class MoELayer(nn.Module):
 
         accepted = inspect.signature(router_cls.__init__).parameters
         router_kwargs = {"bias": router_bias, "router_dtype": router_dtype}
-        if "normalize" in accepted and normalize_weights is not None:
+        if normalize_weights is not None:  # an option the router would ignore is an error, never dropped
+            if "normalize" not in accepted:
+                takes = sorted(k for k, c in ROUTERS.items() if "normalize" in inspect.signature(c.__init__).parameters)
+                raise ValueError(
+                    f"normalize_weights has no effect on router={router!r}; it applies to router in {takes}"
+                )
             router_kwargs["normalize"] = normalize_weights
+        if self.capacity_factor is not None and not router_cls.uses_capacity:
+            raise ValueError(
+                f"capacity_factor has no effect on router={router!r} (it drops nothing); leave it None"
+            )
         if "capacity_factor" in accepted:
             router_kwargs["capacity_factor"] = self.capacity_factor
         for key in router_options or {}:

@@ -163,6 +163,8 @@ class Router(nn.Module):
     name = "abstract"  # subclasses set the name MoELayer(router=...) accepts
     #: the router enforces its own capacity (the layer must not apply ``capacity_factor`` again)
     owns_capacity = False
+    #: a capacity can drop this router's assignments (False: ``capacity_factor`` has no meaning for it)
+    uses_capacity = True
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, *, bias: bool = False,
                  router_dtype: str = "float32"):
@@ -340,6 +342,9 @@ class GShardRouter(TopKRouter):
             raise ValueError(f"router='gshard' is a top-2 router, so top_k must be 2, got {top_k}")
         if check_int("num_experts", num_experts, minimum=1) < 2:
             raise ValueError(f"router='gshard' needs num_experts >= 2, got {num_experts}")
+        if not check_bool("normalize_weights", normalize):
+            raise ValueError("router='gshard' renormalises its two gate values (Lepikhin et al. 2021, Algorithm 1), "
+                             "so normalize_weights must be True")
         super().__init__(d_model, num_experts, 2, bias=bias, normalize=True, router_dtype=router_dtype)
 
     @classmethod
@@ -423,6 +428,8 @@ class HashRouter(Router):
                  hash_bits: int = 8, hash_seed: int = 0, router_dtype: str = "float32"):
         if top_k != 1:
             raise ValueError(f"router='hash' sends each token to one expert, so top_k must be 1, got {top_k}")
+        if bias:
+            raise ValueError("router='hash' has no gate (a fixed hash decides), so router_bias must be False")
         super().__init__(d_model, num_experts, 1, bias=False, router_dtype=router_dtype)
         del self.gate
         self.gate = None
@@ -535,6 +542,7 @@ class SoftMoERouter(Router):
     """
 
     name = "soft"
+    uses_capacity = False  # every slot is processed; nothing can be dropped
 
     def __init__(self, d_model: int, num_experts: int, top_k: int | None = None, *, bias: bool = False,
                  slots_per_expert: int = 1, router_dtype: str = "float32"):

@@ -23,6 +23,8 @@ def make_layer(router: str, num_experts: int, top_k: int | None = None, capacity
         top_k, num_experts = 2, max(num_experts, 2)
     elif router in ("dense", "soft"):
         top_k = num_experts
+    if router == "soft":
+        capacity_factor = None  # Soft MoE drops nothing: MoELayer refuses a capacity for it
     return MoELayer(d_model, 6, num_experts, top_k, router=router, expert=expert,
                     capacity_factor=capacity_factor, **kw)
 

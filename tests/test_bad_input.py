@@ -48,6 +48,17 @@ GOOD = dict(d_model=8, d_ff=16, num_experts=4, top_k=2)
         ({"router_options": {"num_experts": 1}}, ValueError, ["router_options", "'num_experts'"]),
         ({"expert": "linear", "activation": "relu"}, ValueError, ["expert='linear'"]),
         ({"d_out": 0}, ValueError, ["d_out", ">= 1"]),
+        # an option the router would ignore is refused, never dropped silently
+        ({"router": "expert_choice", "normalize_weights": True}, ValueError,
+         ["normalize_weights", "router='expert_choice'", "'topk'", "'switch'", "'group_limited'"]),
+        ({"router": "dense", "top_k": None, "normalize_weights": False}, ValueError,
+         ["normalize_weights", "router='dense'"]),
+        ({"router": "base", "top_k": 1, "normalize_weights": True}, ValueError, ["normalize_weights"]),
+        ({"router": "gshard", "normalize_weights": False}, ValueError,
+         ["normalize_weights must be True", "gshard"]),
+        ({"router": "hash", "top_k": 1, "router_bias": True}, ValueError, ["router_bias must be False", "hash"]),
+        ({"router": "soft", "top_k": None, "capacity_factor": 1.0}, ValueError,
+         ["capacity_factor has no effect", "router='soft'"]),
     ],
 )
 def test_constructor_rejects(changes, error, words):
