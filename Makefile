@@ -47,7 +47,7 @@ $(KERNEL): $(STAMP) moe_lib/reproducibility.py
 # (PYTHONPATH: the book's Sphinx extension in scripts/, which _build/_config_execute.yml's
 #  local_extensions path, relative to _build/, does not reach)
 book: install
-	PYTHONPATH=$(CURDIR)/scripts$${PYTHONPATH:+:$$PYTHONPATH} $(PY) scripts/build_book.py --execute
+	$(PY) scripts/build_book.py --execute
 
 notebooks: install
 	$(PY) scripts/execute_notebooks.py $(NB)

@@ -50,6 +50,11 @@ def write_execute_config() -> Path:
     execute["execute_notebooks"] = "force"
     execute["timeout"] = NOTEBOOK_BUDGET_S
     execute["allow_errors"] = False
+    # Jupyter Book resolves local extensions' folders from the config file's folder (here _build/): make
+    # them absolute so the book's own extension loads from the generated config too.
+    local = config.get("sphinx", {}).get("local_extensions") or {}
+    for name, folder in local.items():
+        local[name] = str((ROOT / folder).resolve())
     BUILD.mkdir(exist_ok=True)
     path = BUILD / "_config_execute.yml"
     with open(path, "w", encoding="utf-8") as f:
