@@ -93,7 +93,10 @@ def test_code_solution_runs_and_checks_its_answer(name, number, code, monkeypatc
     assert any(isinstance(node, ast.Assert) for node in ast.walk(tree)), \
         f"{name} solution {number} has no assert: it could not fail when the library changes"
     monkeypatch.chdir(ROOT)
-    dtype = torch.get_default_dtype()
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    # one core, as a reader's budget is stated; on the shared 2-core machine torch's spinning thread pool
+    # otherwise makes these small ops 10x slower whenever another job holds the other core
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     namespace: dict = {"__name__": "__exercise__"}
     start = time.perf_counter()
@@ -101,5 +104,6 @@ def test_code_solution_runs_and_checks_its_answer(name, number, code, monkeypatc
         exec(compile(tree, f"{name} solution {number}", "exec"), namespace)  # noqa: S102 - the book's own code
     finally:
         torch.set_default_dtype(dtype)
+        torch.set_num_threads(threads)
     elapsed = time.perf_counter() - start
     assert elapsed < SECONDS_PER_SOLUTION, f"{name} solution {number} took {elapsed:.1f} s; keep solutions tiny"
