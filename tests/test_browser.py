@@ -48,6 +48,7 @@ from toc_notebooks import toc_notebooks  # noqa: E402
 PAGES = [
     ("index.html", "book/intro.html", "index", True),
     ("book/library.html", "book/library.html", "library", True),
+    ("book/notation.html", "book/notation.html", "notation", True),
     ("book/bibliography.html", "book/bibliography.html", "bibliography", False),
 ] + [
     (f"notebooks/{nb.stem}.html", f"notebooks/{nb.stem}.html", nb.stem, nb.stem.startswith("01_"))

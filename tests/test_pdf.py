@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from toc_notebooks import toc_notebooks  # noqa: E402
 
 #: the documents of _toc.yml after the introduction, in order
-DOCUMENTS = [f"notebooks/{nb.stem}" for nb in toc_notebooks()] + ["book/library", "book/bibliography"]
+DOCUMENTS = [f"notebooks/{nb.stem}" for nb in toc_notebooks()] + ["book/library", "book/notation",
+                                                                   "book/bibliography"]
 
 
 def _squash(text: str) -> str:
