@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import re
 import sys
-import time
 from pathlib import Path
 
 import nbformat
@@ -28,7 +27,6 @@ SECTION = re.compile(r"^## Exercises\s*$", re.M)
 EXERCISE = re.compile(r"^\*\*Exercise (\d+)\.(\d+)\.?\*\*", re.M)
 DROPDOWN = re.compile(r"^:::\{dropdown\} Solution (\d+)\.(\d+)\s*$(.*?)^:::\s*$", re.M | re.S)
 MARKER = re.compile(r"<!-- exercise-solution: (\d+)\.(\d+) -->\n```python\n(.*?)^```", re.M | re.S)
-SECONDS_PER_SOLUTION = 15.0  # generous: a solution is meant to take a few seconds on a loaded machine
 
 
 def chapter_number(path: Path) -> int:
@@ -99,11 +97,8 @@ def test_code_solution_runs_and_checks_its_answer(name, number, code, monkeypatc
     torch.set_num_threads(1)
     torch.manual_seed(0)
     namespace: dict = {"__name__": "__exercise__"}
-    start = time.perf_counter()
     try:
         exec(compile(tree, f"{name} solution {number}", "exec"), namespace)  # noqa: S102 - the book's own code
     finally:
         torch.set_default_dtype(dtype)
         torch.set_num_threads(threads)
-    elapsed = time.perf_counter() - start
-    assert elapsed < SECONDS_PER_SOLUTION, f"{name} solution {number} took {elapsed:.1f} s; keep solutions tiny"
