@@ -178,6 +178,12 @@ class MoELayer(nn.Module):
         self.d_out = self.experts.d_out
         self.last_info: MoEInfo | None = None
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave ``last_info`` out: it holds the last pass's autograd graph, which
+        ``copy.deepcopy`` cannot copy (a layer could not be copied after a training step)."""
+        state = super().__getstate__()
+        return {**state, "last_info": None}
+
     def extra_repr(self) -> str:
         cap = "dropless" if self.capacity_factor is None else f"capacity_factor={self.capacity_factor}"
         return (

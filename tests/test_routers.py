@@ -2,6 +2,7 @@
 auxiliary-loss-free bias, GShard, BASE, noisy top-k, expert choice, Soft MoE), backend agreement for every
 router, causality, and the errors for bad arguments."""
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -55,7 +56,8 @@ def test_expert_choice_fills_every_quota_exactly(num_experts, num_tokens, data):
     x = torch.randn(num_tokens, 5)
     y, info = layer(x, return_info=True)
     r = info.routing
-    quota = min(num_tokens, math.ceil((factor or 1.0) * num_tokens * top_k / num_experts))
+    # exact arithmetic, as documented: 0.2 · 6 · 5 / 6 is 1.0000000000000002 in floats, so ceil would give 2
+    quota = min(num_tokens, math.ceil(Fraction(repr(factor or 1.0)) * num_tokens * top_k / num_experts))
     assert torch.equal(r.valid.sum(0), torch.full((num_experts,), quota))
     assert torch.equal(info.plan.counts, torch.full((num_experts,), quota))
     assert info.plan.dropped_assignments == 0
