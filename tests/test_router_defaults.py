@@ -228,3 +228,26 @@ def test_every_expert_routers_explain_their_top_k():
         SoftMoERouter(4, 3, 1)
     assert str(excinfo.value) == ("router='soft' mixes every expert into every token, so top_k must equal "
                                   "num_experts (3) or be None, got top_k=1; set slots_per_expert instead")
+
+
+@pytest.mark.parametrize("cls, default", [(MLPExperts, "gelu"), (GLUExperts, "silu")])
+def test_expert_activation_choice(cls, default):
+    assert cls(3, 4, 5).activation == default
+    assert cls(3, 4, 5, activation="tanh").activation == "tanh"
+    with pytest.raises(ValueError) as excinfo:
+        cls(3, 4, 5, activation="swish")
+    assert str(excinfo.value) == "unknown activation 'swish'; accepted values: 'gelu', 'relu', 'silu', 'tanh'"
+
+
+def test_expert_weights_start_like_nn_linear():
+    """Every expert weight and bias starts ``U(-1/√fan_in, 1/√fan_in)``, ``nn.Linear``'s default."""
+    torch.manual_seed(0)
+    bank = LinearExperts(4, 64, d_out=64)
+    bound = 1 / math.sqrt(64)
+    for p in (bank.weight, bank.bias):
+        assert p.abs().max() <= bound and p.abs().max() > 0.95 * bound
+    mlp = MLPExperts(4, 16, 64)
+    swiglu = SwiGLUExperts(4, 16, 64)
+    for p, fan_in in ((mlp.w1, 16), (mlp.b1, 16), (mlp.w2, 64), (mlp.b2, 64), (swiglu.w_gate, 16),
+                      (swiglu.w_up, 16), (swiglu.w_down, 64)):
+        assert p.abs().max() <= 1 / math.sqrt(fan_in) and p.abs().max() > 0.9 / math.sqrt(fan_in)
