@@ -79,10 +79,10 @@ def time_decode(layer: nn.Module, d_model: int, batch_sizes: Iterable[int], repe
     for b in batch_sizes:
         x = torch.randn(check_int("batch size", b, minimum=1), d_model, generator=generator)
         times = wall_times(lambda: layer(x), repeats=repeats, warmup=1)
-        ms = 1e3 * sorted(times)[len(times) // 2]
+        median, q1, q3 = median_iqr(times)  # one definition: with an even count the median interpolates
+        ms = 1e3 * median
         row = {"batch": b, "ms": ms, "tokens_per_s": b / (ms / 1e3)}
         if spread:
-            _, q1, q3 = median_iqr(times)
             row.update(ms_p25=1e3 * q1, ms_p75=1e3 * q3)
         rows.append(row)
     return rows

@@ -251,3 +251,14 @@ def test_expert_weights_start_like_nn_linear():
     for p, fan_in in ((mlp.w1, 16), (mlp.b1, 16), (mlp.w2, 64), (mlp.b2, 64), (swiglu.w_gate, 16),
                       (swiglu.w_up, 16), (swiglu.w_down, 64)):
         assert p.abs().max() <= 1 / math.sqrt(fan_in) and p.abs().max() > 0.9 / math.sqrt(fan_in)
+
+
+def test_router_base_class_defaults():
+    """The base class's own defaults (a subclass that forwards only some arguments inherits them)."""
+    base = Router(4, 3, 1)
+    assert base.router_dtype == "float32" and base.gate.bias is None
+    assert (base.d_model, base.num_experts, base.top_k) == (4, 3, 1) and base.gate.out_features == 3
+    with pytest.raises(ValueError, match=r"^d_model must be an integer >= 1, got 0$"):
+        Router(0, 3, 1)
+    with pytest.raises(ValueError, match=r"^top_k must be an integer between 1 and 3, got 4$"):
+        Router(4, 3, 4)

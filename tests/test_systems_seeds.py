@@ -71,6 +71,19 @@ def test_time_decode_spread_keys():
     assert row["ms_p25"] <= row["ms"] <= row["ms_p75"]
 
 
+def test_time_decode_median_of_an_even_number_of_repeats(monkeypatch):
+    """With two repeats the median is the mean of the two times, inside its quartiles (it was the larger
+    one, above the interpolated upper quartile, and chapter 14's error bars went negative)."""
+    from moe_lib import MoELayer, grouping
+    from moe_lib.serving import time_decode
+
+    monkeypatch.setattr(grouping, "wall_times", lambda fn, repeats, warmup: [0.002, 0.004][:repeats])
+    layer = MoELayer(d_model=8, d_ff=8, num_experts=4, top_k=1).eval()
+    row = time_decode(layer, 8, [2], repeats=2, spread=True)[0]
+    assert row["ms"] == pytest.approx(3.0) and row["tokens_per_s"] == pytest.approx(2 / 0.003)
+    assert row["ms_p25"] == pytest.approx(2.5) and row["ms_p75"] == pytest.approx(3.5)
+
+
 def test_touched_and_cache_experiments_are_seeded():
     import torch
 
