@@ -115,7 +115,6 @@ def routing_stats(routing: Routing, plan: DispatchPlan) -> dict[str, float | lis
     num_tokens, top_k = routing.experts.shape
     num_experts = routing.num_experts
     load = plan.requested
-    empty = num_tokens == 0
     with torch.no_grad():
         dense = routing.dense_weights()
         weights, probs = routing.weights.detach(), routing.probs.detach()
@@ -129,9 +128,8 @@ def routing_stats(routing: Routing, plan: DispatchPlan) -> dict[str, float | lis
     # tokens that received no weight at all (expert choice can leave tokens unchosen)
     used = weights.sum(-1) > 0
 
-    def mean(t: Tensor) -> float:
-        t = t[used] if t.shape[:1] == used.shape else t
-        return float("nan") if t.numel() == 0 else float(t.mean())
+    def mean(per_token: Tensor) -> float:  # over the tokens that were used; nan when there are none
+        return float(per_token[used].mean())
 
     return {
         "tokens": num_tokens,

@@ -472,7 +472,7 @@ def balanced_assignment(scores: Tensor, capacity: int | None = None) -> Tensor:
     """
     num_tokens, num_experts = scores.shape
     if capacity is None:
-        capacity = math.ceil(num_tokens / num_experts) if num_tokens else 0
+        capacity = math.ceil(num_tokens / num_experts)
     if capacity * num_experts < num_tokens:
         raise ValueError(f"capacity must be >= ceil(T / E) = {math.ceil(num_tokens / num_experts)}, got {capacity}")
     scores = scores.detach()

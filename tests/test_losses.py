@@ -136,3 +136,52 @@ def test_auxiliary_losses_names_every_term_and_weights_the_sum():
     terms, total = auxiliary_losses(r, aux_loss_coef=0.0, load_loss_coef=7.0)
     assert list(terms) == ["load_balance", "z_loss", "importance", "load"]
     torch.testing.assert_close(total, 7.0 * load_loss(r.clean_logits, r.logits, r.noise_std, 2))
+
+
+def test_switch_loss_single_token_all_dropped_and_float64():
+    # one token, one assignment: f = [1, 0], P = [0.7, 0.3] -> 2 * 0.7
+    probs = torch.tensor([[0.7, 0.3]])
+    torch.testing.assert_close(load_balancing_loss(probs, torch.tensor([[0]])), torch.tensor(1.4))
+    # every entry marked not valid: no assignment, loss 0 (not 0/0)
+    two = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    none = load_balancing_loss(two, torch.tensor([[0], [1]]), torch.tensor([[False], [False]]))
+    assert none.item() == 0.0
+    # float64 end to end: f = [2/3, 1/3] exactly, P = [0.5, 0.5] -> 2 * 0.5 = 1
+    p64 = torch.tensor([[0.2, 0.8], [0.6, 0.4], [0.7, 0.3]], dtype=torch.float64)
+    loss = load_balancing_loss(p64, torch.tensor([[0], [0], [1]]))
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, torch.tensor(2 * (2 / 3 * 0.5 + 1 / 3 * 0.5), dtype=torch.float64),
+                               rtol=1e-15, atol=0)
+
+
+def test_z_loss_and_cv_squared_dtypes():
+    assert router_z_loss(torch.zeros(0, 3, dtype=torch.float64)).dtype == torch.float32
+    assert router_z_loss(torch.zeros(2, 3, dtype=torch.float64)).dtype == torch.float32
+    assert cv_squared(torch.tensor([1, 3])).dtype == torch.float32  # integers are averaged as floats
+    torch.testing.assert_close(cv_squared(torch.tensor([1, 3])), torch.tensor(0.25))
+    assert cv_squared(torch.tensor([1.0, 3.0], dtype=torch.bfloat16)).dtype == torch.float32
+    assert cv_squared(torch.tensor([1.0, 3.0], dtype=torch.float64)).dtype == torch.float64
+    assert cv_squared(torch.tensor([5.0])).item() == 0.0
+    # eps keeps a vanishing mean finite and positive: Var = 2.5e-13, mean² = 2.5e-13, eps = 1e-10
+    tiny = cv_squared(torch.tensor([1e-6, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(tiny, torch.tensor(2.5e-13 / (2.5e-13 + 1e-10), dtype=torch.float64))
+
+
+def test_auxiliary_losses_with_terms_other_than_one_and_invalid_entries():
+    from moe_lib.losses import auxiliary_losses
+    from moe_lib.routers import Routing
+    probs = torch.tensor([[0.7, 0.3], [0.4, 0.6], [0.5, 0.5]])
+    routing = Routing(logits=probs.log() + 2.0, probs=probs, experts=torch.tensor([[0], [0], [1]]),
+                      weights=torch.ones(3, 1))
+    terms, total = auxiliary_losses(routing, aux_loss_coef=0.5, z_loss_coef=2.0, importance_loss_coef=3.0)
+    torch.testing.assert_close(terms["z_loss"], torch.tensor(4.0))  # (log Σ p + 2)² = 4
+    torch.testing.assert_close(terms["importance"], torch.tensor(1 / 9))  # importance [2, 1]
+    torch.testing.assert_close(total, 0.5 * terms["load_balance"] + 2.0 * 4.0 + 3.0 / 9)
+    # a routing whose second entry of token 0 is not an assignment: the balance term counts valid ones only
+    gshard_like = Routing(logits=probs.log(), probs=probs, experts=torch.tensor([[0, 1], [1, 0], [0, 1]]),
+                          weights=torch.tensor([[1.0, 0.0], [0.6, 0.4], [0.5, 0.5]]),
+                          valid=torch.tensor([[True, False], [True, True], [True, True]]))
+    terms, _ = auxiliary_losses(gshard_like, aux_loss_coef=1.0)
+    torch.testing.assert_close(terms["load_balance"],
+                               load_balancing_loss(probs, gshard_like.experts, gshard_like.valid))
+    assert not torch.allclose(terms["load_balance"], load_balancing_loss(probs, gshard_like.experts))

@@ -99,3 +99,15 @@ def test_routing_stats_of_an_empty_batch_and_of_soft_moe():
     stats = metrics.routing_stats(routing, slot_plan(3, 2))
     assert stats["assignments"] == 6 and stats["active_fraction"] == 1.0 and stats["load"] == [2, 2, 2]
     assert stats["tokens"] == 5 and stats["tokens_dropped"] == 0
+
+
+def test_routing_stats_of_a_single_token():
+    from moe_lib.dispatch import make_plan
+    from moe_lib.routers import Routing
+    p = torch.tensor([[0.6, 0.3, 0.1]])
+    routing = Routing(logits=p.log(), probs=p, experts=torch.tensor([[0, 1]]), weights=torch.tensor([[0.75, 0.25]]))
+    stats = metrics.routing_stats(routing, make_plan(routing))
+    assert stats["gate_entropy"] == pytest.approx(_entropy([0.75, 0.25]), rel=1e-6)
+    assert stats["router_entropy"] == pytest.approx(_entropy([0.6, 0.3, 0.1]), rel=1e-6)
+    assert stats["effective_experts"] == pytest.approx(math.exp(_entropy([0.75, 0.25])), rel=1e-6)
+    assert stats["load"] == [1, 1, 0] and stats["experts_used_fraction"] == pytest.approx(2 / 3)

@@ -262,3 +262,61 @@ def test_router_base_class_defaults():
         Router(0, 3, 1)
     with pytest.raises(ValueError, match=r"^top_k must be an integer between 1 and 3, got 4$"):
         Router(4, 3, 4)
+
+
+def test_signature_defaults_reach_the_object():
+    """Defaults a caller gets by leaving an argument out (not through MoELayer, which passes them all)."""
+    assert GShardRouter(4, 3).top_k == 2 and BaseRouter(4, 3).top_k == 1 and SwitchRouter(4, 3).top_k == 1
+    assert HashRouter(4, 3).top_k == 1 and LinearExperts(3, 4).d_ff == 1
+    from moe_lib.routers import AuxFreeRouter, ExpertChoiceRouter
+    assert AuxFreeRouter(4, 3, 2, normalize=False).normalize is False
+    assert ExpertChoiceRouter(4, 3, 1).capacity_factor is None
+
+
+@pytest.mark.parametrize("build, error, message", [
+    (lambda: GShardRouter(4, 1), ValueError, "router='gshard' needs num_experts >= 2, got 1"),
+    (lambda: GShardRouter(4, 3, normalize="yes"), TypeError, "normalize_weights must be True or False"),
+    (lambda: ROUTERS["expert_choice"](4, 3, 1, capacity_factor=0.0), ValueError, "capacity_factor must be"),
+    (lambda: ROUTERS["auxfree"](4, 3, 2, update_rate=-1.0), ValueError, "update_rate must be a finite number"),
+    (lambda: MoELayer(4, 8, 3, router_options={"noise": 1}), ValueError,
+     "router_options key 'noise' is not accepted by router='topk'; accepted: ['bias', 'normalize', "
+     "'router_dtype']"),
+])
+def test_router_argument_messages(build, error, message):
+    with pytest.raises(error) as excinfo:
+        build()
+    assert str(excinfo.value).startswith(message), str(excinfo.value)
+
+
+def test_aux_free_bias_update_without_a_forward_pass_is_a_no_op():
+    from moe_lib.routers import AuxFreeRouter
+    router = AuxFreeRouter(4, 3, 2, update_rate=0.5)
+    router.after_step()
+    assert router.expert_bias.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_hash_of_token_ids_is_pinned():
+    """The hash decides which expert every vocabulary id uses: a model trained with hash routing depends on
+    it, so changing the hash (its constants or its formula) is a breaking change this test reports."""
+    from moe_lib.routers import hash_to_expert
+    ids = torch.tensor([0, 1, 2, 3, 17, 1000, 2**31 - 2, 2**40])
+    assert hash_to_expert(ids, 8).tolist() == PINNED_HASH_SEED0
+    assert hash_to_expert(ids, 8, seed=3).tolist() == PINNED_HASH_SEED3
+
+
+def test_float64_inputs_and_low_precision_routers():
+    """``scores`` is float32 at least: float64 inputs stay float64 even through a float32 module with a
+    bias, and a bfloat16 router does not round float64 inputs (Router._linear)."""
+    router = TopKRouter(4, 3, 2, bias=True)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    logits = router.scores(x)
+    assert logits.dtype == torch.float64
+    expected = x @ router.gate.weight.double().T + router.gate.bias.double()
+    torch.testing.assert_close(logits, expected, rtol=1e-12, atol=0)
+    low = TopKRouter(4, 3, 2, router_dtype="bfloat16")
+    assert low.scores(x).dtype == torch.float64 and low.scores(x.float()).dtype == torch.bfloat16
+
+
+#: hash_to_expert(ids, 8) for the ids of test_hash_of_token_ids_is_pinned, seeds 0 and 3 (recorded once)
+PINNED_HASH_SEED0 = [6, 1, 3, 6, 2, 6, 3, 5]
+PINNED_HASH_SEED3 = [1, 3, 4, 6, 3, 5, 7, 2]

@@ -476,6 +476,10 @@ def test_balanced_assignment_auction_rounds_by_hand():
     assert balanced_assignment(five).tolist() == [0, 0, 0, 1, 1]
     out = balanced_assignment(torch.zeros(0, 3))
     assert out.tolist() == [] and out.dtype == torch.int64
+    # an expert's ranks count from its own first bidder: token 2 (expert 1's only bidder, after two
+    # bidders of expert 0) wins expert 1 in round one, before token 1, turned away by expert 0, bids 0.7 for it
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.7, 0.0], [0.1, 0.5, 0.0]])
+    assert balanced_assignment(scores).tolist() == [0, 2, 1]
     grad = torch.tensor([[0.2, 0.8], [0.9, 0.1]], dtype=torch.float64, requires_grad=True)
     assert balanced_assignment(grad).tolist() == [1, 0]
 
@@ -493,11 +497,20 @@ def test_forward_follows_the_input_device_not_the_default_device(router, backend
         layer.train(training)
         torch.manual_seed(1)
         expected = layer(x)
+        stats = layer.last_info.stats()
         torch.manual_seed(1)
         with torch.device("meta"):
-            y = layer(x)
+            y, info = layer(x, return_info=True)
+            again = info.stats()
+        assert again.keys() == stats.keys()
+        for key, value in stats.items():  # the same numbers (nan where there were no tokens to average)
+            assert again[key] == value or (value != value and again[key] != again[key]), key
         assert y.device.type == "cpu"
         torch.testing.assert_close(y, expected, rtol=0, atol=0)
+        plan = info.plan
+        for name in ("token_index", "expert_index", "slot_index", "weights", "counts", "offsets", "requested",
+                     "kept"):
+            assert getattr(plan, name).device.type == "cpu", name
 
 
 @pytest.mark.parametrize("router", ALL)
@@ -538,3 +551,17 @@ def test_group_limited_router_bad_arguments(kwargs, error, message):
     ok = GroupLimitedRouter(4, 8, 2, n_group=8, topk_group=8, score="softmax", scaling_factor=0.5, update_rate=0.0)
     assert (ok.n_group, ok.topk_group, ok.score, ok.scaling_factor) == (8, 8, "softmax", 0.5)
     assert GroupLimitedRouter(4, 8, 2, n_group=4, topk_group=1).top_k == 2  # exactly the reachable experts
+
+
+def test_noisy_top_k_noise_is_scaled_by_its_learned_std():
+    """H = x W_g + N(0, 1) · softplus(x W_noise) (Shazeer et al. 2017, eq. 4): (H − x W_g) / softplus(...)
+    is standard normal, here with the noise std set to softplus(3) ≈ 3.05."""
+    from moe_lib.routers import NoisyTopKRouter
+    router = NoisyTopKRouter(2, 4, 2).train()
+    with torch.no_grad():
+        router.noise.weight.fill_(1.5)
+    torch.manual_seed(0)
+    r = router(torch.ones(4000, 2))
+    z = (r.logits - r.clean_logits) / r.noise_std
+    torch.testing.assert_close(r.noise_std, torch.full_like(r.noise_std, math.log1p(math.exp(3.0))))
+    assert abs(z.std().item() - 1.0) < 0.03 and abs(z.mean().item()) < 0.03
