@@ -185,3 +185,13 @@ def test_auxiliary_losses_with_terms_other_than_one_and_invalid_entries():
     torch.testing.assert_close(terms["load_balance"],
                                load_balancing_loss(probs, gshard_like.experts, gshard_like.valid))
     assert not torch.allclose(terms["load_balance"], load_balancing_loss(probs, gshard_like.experts))
+
+
+def test_auxiliary_losses_leaves_out_the_load_term_unless_asked():
+    from moe_lib.losses import auxiliary_losses
+    noisy = MoELayer(4, 4, 3, 2, router="noisy_topk", expert="linear")
+    with torch.no_grad():
+        noisy.router.noise.weight.fill_(0.5)
+    r = noisy.router(torch.randn(6, 4))
+    terms, total = auxiliary_losses(r, aux_loss_coef=0.0)  # load_loss_coef defaults to 0
+    assert terms["load"] > 0 and total.item() == 0.0

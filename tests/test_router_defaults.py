@@ -275,6 +275,7 @@ def test_signature_defaults_reach_the_object():
 
 @pytest.mark.parametrize("build, error, message", [
     (lambda: GShardRouter(4, 1), ValueError, "router='gshard' needs num_experts >= 2, got 1"),
+    (lambda: GShardRouter(4, 0), ValueError, "num_experts must be an integer >= 1, got 0"),
     (lambda: GShardRouter(4, 3, normalize="yes"), TypeError, "normalize_weights must be True or False"),
     (lambda: ROUTERS["expert_choice"](4, 3, 1, capacity_factor=0.0), ValueError, "capacity_factor must be"),
     (lambda: ROUTERS["auxfree"](4, 3, 2, update_rate=-1.0), ValueError, "update_rate must be a finite number"),

@@ -565,3 +565,45 @@ def test_noisy_top_k_noise_is_scaled_by_its_learned_std():
     z = (r.logits - r.clean_logits) / r.noise_std
     torch.testing.assert_close(r.noise_std, torch.full_like(r.noise_std, math.log1p(math.exp(3.0))))
     assert abs(z.std().item() - 1.0) < 0.03 and abs(z.mean().item()) < 0.03
+
+
+def _auction_reference(scores, capacity):
+    """The greedy auction of balanced_assignment, one token at a time in plain Python."""
+    T, E = len(scores), len(scores[0])
+    assign, load = [-1] * T, [0] * E
+    while -1 in assign:
+        bids = {}
+        for t in range(T):
+            if assign[t] < 0:
+                open_experts = [e for e in range(E) if load[e] < capacity]
+                best = max(open_experts, key=lambda e: scores[t][e])
+                bids.setdefault(best, []).append((scores[t][best], t))
+        for e, offers in bids.items():
+            for _, t in sorted(offers, key=lambda o: (-o[0], o[1]))[:capacity - load[e]]:
+                assign[t] = e
+            load[e] = min(capacity, load[e] + len(offers))
+    return assign
+
+
+@pytest.mark.parametrize("num_tokens, num_experts, seed", [(64, 4, 0), (200, 8, 1), (333, 5, 2)])
+def test_balanced_assignment_matches_a_token_by_token_auction(num_tokens, num_experts, seed):
+    """Larger batches than the hand cases, where the order of each expert's bids must survive the sort by
+    expert (a sort that is not stable reorders them at these sizes)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(num_tokens, num_experts, generator=g, dtype=torch.float64)
+    scores[:, 0] += 2.0  # a popular expert: several rounds
+    capacity = math.ceil(num_tokens / num_experts)
+    assert balanced_assignment(scores).tolist() == _auction_reference(scores.tolist(), capacity)
+
+
+def test_group_limited_normalisation_epsilon_matches_deepseek_v3():
+    """w = s / (Σ s + 1e-20), as DeepSeek-V3's reference code: with logits of -60 the sigmoid scores
+    (8.8e-27) are far below the epsilon, and the weights stay small and non-negative."""
+    from moe_lib.routers import GroupLimitedRouter
+    r = GroupLimitedRouter(2, 4, 2)
+    with torch.no_grad():
+        r.gate.weight.fill_(-30.0)
+    w = r(torch.ones(1, 2)).weights
+    s = torch.tensor(-60.0).sigmoid()
+    torch.testing.assert_close(w, (s / (2 * s + 1e-20)).expand(1, 2))
+    assert (w > 0).all()
