@@ -17,17 +17,16 @@ typeset.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlparse
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from offline_browser import CHROMIUM_ARGS, block_outside_requests, find_chromium, serve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "_build" / "pdf"
@@ -36,9 +35,6 @@ PDF = OUT / "moe-book.pdf"
 SITE_COPY = ROOT / "_build" / "html" / "moe-book.pdf"
 REPORT = OUT / "report.json"
 PAGE_NAME = "moe-book.html"
-LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 # Print layout: each document after the first starts on a new page; the web page's chrome is hidden.
 PRINT_CSS = """
@@ -81,11 +77,6 @@ STRUCTURE_JS = """
 """
 
 
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002
-        pass
-
-
 def build_single_html() -> None:
     jb = shutil.which("jupyter-book", path=str(Path(sys.executable).parent)) or shutil.which("jupyter-book")
     if jb is None:
@@ -104,7 +95,7 @@ def build_single_html() -> None:
 
 
 def chromium() -> str:
-    found = shutil.which("chromium") or ("/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None)
+    found = find_chromium()
     if found is None:
         sys.exit("build_pdf: error: chromium is not installed (apt-get install chromium)")
     return found
@@ -117,48 +108,31 @@ def print_pdf() -> dict:
     # _images/ are relative to the build's root: open a copy that sits there.
     shutil.copy2(SINGLE / "book" / "intro.html", SINGLE / PAGE_NAME)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(SINGLE)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     outside: list[str] = []
     failed: list[str] = []
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium(), headless=True, args=CHROMIUM_ARGS)
-            context = browser.new_context(service_workers="block")
-
-            def route(r):
-                url = r.request.url
-                if url.startswith(("data:", "blob:", "about:")) or urlparse(url).hostname in LOCAL_HOSTS:
-                    r.continue_()
-                else:
-                    outside.append(url)
-                    r.abort()
-
-            context.route("**/*", route)
-            page = context.new_page()
-            # (the single page has no search index; the search box it would feed is not printed)
-            page.on("requestfailed", lambda r: r.url not in outside and not r.url.endswith("/searchindex.js")
-                    and failed.append(f"{r.url}: {r.failure}"))
-            page.goto(f"http://127.0.0.1:{server.server_address[1]}/{PAGE_NAME}", wait_until="load")
-            page.wait_for_load_state("networkidle")
-            if page.evaluate("() => !!(window.MathJax && MathJax.startup && MathJax.startup.promise)"):
-                page.evaluate("() => MathJax.startup.promise")
-            images = page.evaluate(WAIT_IMAGES_JS)
-            structure = page.evaluate(STRUCTURE_JS)
-            page.add_style_tag(content=PRINT_CSS)
-            page.emulate_media(media="print")
-            page.wait_for_load_state("networkidle")
-            page.pdf(path=str(PDF), format="A4", print_background=True, outline=True, tagged=True,
-                     display_header_footer=True, header_template="<span></span>",
-                     footer_template='<div style="font-size:8px;width:100%;text-align:center;">'
-                                     '<span class="pageNumber"></span></div>',
-                     margin={"top": "16mm", "bottom": "18mm", "left": "14mm", "right": "14mm"})
-            browser.close()
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with serve(SINGLE) as base_url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), headless=True, args=CHROMIUM_ARGS)
+        context = browser.new_context(service_workers="block")
+        block_outside_requests(context, outside)
+        page = context.new_page()
+        # (the single page has no search index; the search box it would feed is not printed)
+        page.on("requestfailed", lambda r: r.url not in outside and not r.url.endswith("/searchindex.js")
+                and failed.append(f"{r.url}: {r.failure}"))
+        page.goto(f"{base_url}/{PAGE_NAME}", wait_until="load")
+        page.wait_for_load_state("networkidle")
+        if page.evaluate("() => !!(window.MathJax && MathJax.startup && MathJax.startup.promise)"):
+            page.evaluate("() => MathJax.startup.promise")
+        images = page.evaluate(WAIT_IMAGES_JS)
+        structure = page.evaluate(STRUCTURE_JS)
+        page.add_style_tag(content=PRINT_CSS)
+        page.emulate_media(media="print")
+        page.wait_for_load_state("networkidle")
+        page.pdf(path=str(PDF), format="A4", print_background=True, outline=True, tagged=True,
+                 display_header_footer=True, header_template="<span></span>",
+                 footer_template='<div style="font-size:8px;width:100%;text-align:center;">'
+                                 '<span class="pageNumber"></span></div>',
+                 margin={"top": "16mm", "bottom": "18mm", "left": "14mm", "right": "14mm"})
+        browser.close()
     return {"outside_requests": outside, "failed_requests": failed, "images": images, **structure}
 
 

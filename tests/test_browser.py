@@ -12,14 +12,10 @@ Without Chromium or a built book the tests skip, except under CI (``CI`` set to 
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import sys
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 
@@ -28,21 +24,11 @@ pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parent.parent
 HTML = ROOT / "_build" / "html"
 SCREENSHOTS = ROOT / "_build" / "screenshots"
-LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 # (path under _build/html, where the browser lands, screenshot name, whether the page must contain
 # rendered math). index.html is Jupyter Book's redirect to the root page, book/intro.html. Every chapter
 # in _toc.yml is opened too: math, where a page has any, must be rendered.
 sys.path.insert(0, str(ROOT / "scripts"))
+from offline_browser import CHROMIUM_ARGS, block_outside_requests, find_chromium, serve  # noqa: E402
 from toc_notebooks import toc_notebooks  # noqa: E402
 
 PAGES = [
@@ -90,37 +76,17 @@ def _skip_or_fail(reason: str):
     pytest.skip(f"{reason} (the browser test may not be skipped under CI)")
 
 
-def _chromium() -> str | None:
-    found = shutil.which("chromium")
-    if found:
-        return found
-    return "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002  (keep pytest's output readable)
-        pass
-
-
 @pytest.fixture(scope="module")
 def base_url():
     if not (HTML / "index.html").is_file():
         _skip_or_fail(f"no built book at {HTML.relative_to(ROOT)} (run `make test-build` or `make book`)")
-    handler = functools.partial(_QuietHandler, directory=str(HTML))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)  # port 0: a free port
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with serve(HTML) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def browser():
-    executable = _chromium()
+    executable = find_chromium()
     if executable is None:
         _skip_or_fail("chromium is not installed (apt-get install chromium)")
     try:
@@ -151,15 +117,7 @@ def test_page_renders_offline(base_url, browser, path, lands_on, name, expects_m
         "math": [],
     }
 
-    def route(route):
-        url = route.request.url
-        if url.startswith(("data:", "blob:", "about:")) or urlparse(url).hostname in LOCAL_HOSTS:
-            route.continue_()
-        else:
-            problems["non-localhost requests (blocked)"].append(url)
-            route.abort()
-
-    context.route("**/*", route)
+    block_outside_requests(context, problems["non-localhost requests (blocked)"])
     page.on("console", lambda m: m.type == "error" and problems["console errors"].append(
         f"{m.text} @ {m.location.get('url', '')}"))
     page.on("pageerror", lambda e: problems["page errors"].append(str(e)))
@@ -214,14 +172,6 @@ LAUNCH_BUILD = ROOT / "_build" / "launch-check"
 LAUNCH_HOSTS = ("mybinder.org", "colab.research.google.com")
 
 
-def _serve(folder: Path):
-    handler = functools.partial(_QuietHandler, directory=str(folder))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return server, thread, f"http://127.0.0.1:{server.server_address[1]}"
-
-
 @pytest.fixture(scope="module")
 def launch_book():
     """``_build/launch-check/_build/html``: the book built from the stored outputs with ``repository.url`` set."""
@@ -274,38 +224,26 @@ def test_repository_url_turns_on_binder_and_colab_on_every_chapter(launch_book):
 
 
 def test_launch_buttons_are_links_and_send_no_request(launch_book, browser):
-    server, thread, base = _serve(launch_book)
     outside: list[str] = []
     context = browser.new_context(viewport={"width": 1280, "height": 900}, service_workers="block")
-
-    def route(route):
-        url = route.request.url
-        if url.startswith(("data:", "blob:", "about:")) or urlparse(url).hostname in LOCAL_HOSTS:
-            route.continue_()
-        else:
-            outside.append(url)
-            route.abort()
-
-    context.route("**/*", route)
     try:
-        page = context.new_page()
-        page.goto(f"{base}/notebooks/01_what_is_moe.html", wait_until="load")
-        page.wait_for_load_state("networkidle")
-        menu = page.locator(".dropdown-launch-buttons")
-        assert menu.count() == 1, "no launch menu on the chapter"
-        menu.locator("button").first.click()
-        links = menu.locator("a.dropdown-item")
-        texts = sorted(links.nth(i).inner_text().strip() for i in range(links.count()))
-        assert texts == ["Binder", "Colab"], texts
-        for i in range(links.count()):
-            assert links.nth(i).evaluate("a => a.tagName") == "A" and links.nth(i).is_visible()
-        # the logos are local files
-        assert all(links.nth(i).locator("img").evaluate("i => i.complete && i.naturalWidth > 0")
-                   for i in range(links.count()))
-        page.wait_for_load_state("networkidle")
+        with serve(launch_book) as base:
+            block_outside_requests(context, outside)
+            page = context.new_page()
+            page.goto(f"{base}/notebooks/01_what_is_moe.html", wait_until="load")
+            page.wait_for_load_state("networkidle")
+            menu = page.locator(".dropdown-launch-buttons")
+            assert menu.count() == 1, "no launch menu on the chapter"
+            menu.locator("button").first.click()
+            links = menu.locator("a.dropdown-item")
+            texts = sorted(links.nth(i).inner_text().strip() for i in range(links.count()))
+            assert texts == ["Binder", "Colab"], texts
+            for i in range(links.count()):
+                assert links.nth(i).evaluate("a => a.tagName") == "A" and links.nth(i).is_visible()
+            # the logos are local files
+            assert all(links.nth(i).locator("img").evaluate("i => i.complete && i.naturalWidth > 0")
+                       for i in range(links.count()))
+            page.wait_for_load_state("networkidle")
     finally:
         context.close()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
     assert not outside, f"requests left the page: {outside}"
