@@ -27,7 +27,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..reproducibility import git_state
 from ..utils import relative_error
 from .shapes import MODES, PHASES, ROUTINGS, Shape
 
@@ -618,23 +618,6 @@ def _version(module: str) -> str | None:
         return None
 
 
-def _git() -> dict:
-    """The checkout's commit and whether tracked files differ from it; where the code runs outside a git
-    checkout (a copied working tree), the environment variable ``MOE_LIB_GIT_COMMIT`` supplies it."""
-    root = Path(__file__).resolve().parents[2]
-    if os.environ.get("MOE_LIB_GIT_COMMIT"):
-        return {"git_commit": os.environ["MOE_LIB_GIT_COMMIT"], "git_dirty": None}
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
-        if commit.returncode == 0:
-            return {"git_commit": commit.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
-    except Exception:
-        pass
-    return {"git_commit": None, "git_dirty": None}
-
-
 def metadata(device: torch.device, dtype: torch.dtype, smoke: bool) -> dict:
     """Where and with what the run was made."""
     try:
@@ -653,7 +636,7 @@ def metadata(device: torch.device, dtype: torch.dtype, smoke: bool) -> dict:
         "cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
         "dtype": str(dtype).replace("torch.", ""), "smoke": smoke,
         "python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
-        "transformers": _version("transformers"), "moe_lib": moe_lib_version, **_git(), **kernels,
+        "transformers": _version("transformers"), "moe_lib": moe_lib_version, **git_state(), **kernels,
         "timer": ("triton.testing.do_bench, median" if device.type == "cuda"
                   else "time.perf_counter, median of a few calls after one warm-up"),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),

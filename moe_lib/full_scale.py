@@ -1,0 +1,342 @@
+"""Full-scale runs: a chapter's experiment at a larger, stated scale, kept as a committed results file.
+
+A chapter runs its experiment live at a size that fits CI (about a minute on 2 CPU cores). Some phenomena
+need more: whether sparse language models overtake a dense one (chapter 8), whether z-loss rescues an
+unstable router (chapter 6), whether sparse models overfit a small task (chapter 15), whether MMoE's
+advantage grows as tasks decorrelate (chapter 17). This module runs those experiments at a larger scale,
+with the *same library functions* the chapters call, and writes one JSON file per run::
+
+    python -m moe_lib.full_scale --list
+    python -m moe_lib.full_scale ch08 --set steps=2000 --set seeds=3    # writes full_scale/ch08_*.json
+
+A results file is the unedited output of one run (as in ``benchmarks/``): a new run is a new file, never an
+edit. It carries its provenance (:data:`PROVENANCE_FIELDS`: the command, every parameter, the seeds, the
+git commit and whether the library differed from it, the machine, the library versions, the date and the
+wall time) and its measurements in one schema (:data:`SCHEMA`):
+
+* ``curves``: one entry per model and seed: ``x`` and ``y`` (e.g. training FLOPs and validation loss);
+* ``finals``: one entry per model, seed and metric: a number (e.g. the final validation loss);
+* ``extra``: whatever else the chapter plots (FLOPs per token, parameter counts, ...).
+
+The chapters read the newest file of their experiment (:func:`latest`) and plot it beside the live run;
+the book build never runs a full-scale experiment.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: The schema tag every results file carries; a change of the layout is a new tag.
+SCHEMA = "moe-book-full-scale/1"
+#: The folder (relative to the repository root) the runs are committed in.
+DEFAULT_FOLDER = "full_scale"
+#: What every results file records about how it was made.
+PROVENANCE_FIELDS = (
+    "command", "scale", "parameters", "seeds", "git_commit", "git_dirty", "cpu_model", "cpu_vendor", "cpu_threads",
+    "device", "gpu", "python", "torch", "numpy", "moe_lib", "date", "wall_s",
+)
+TOP_FIELDS = ("schema", "experiment", "chapter", "title", "x_label", "y_label", "provenance", "curves",
+              "finals", "extra")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One chapter's experiment as a full-scale run.
+
+    ``run(**parameters)`` returns ``{"curves": [...], "finals": [...], "extra": {...}}``; ``defaults`` are
+    its full-scale parameters (``--set name=value`` overrides one); ``quick`` the chapter's live size, for
+    the smoke test and for a reader comparing the two.
+    """
+
+    key: str
+    chapter: int
+    title: str
+    x_label: str
+    y_label: str
+    run: Callable[..., dict]
+    defaults: Mapping[str, Any]
+    quick: Mapping[str, Any] = field(default_factory=dict)
+
+
+EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def register(experiment: Experiment) -> Experiment:
+    EXPERIMENTS[experiment.key] = experiment
+    return experiment
+
+
+# ------------------------------------------------------------------------------------------ provenance
+def provenance(command: str, parameters: Mapping[str, Any], seeds: Sequence[int], wall_s: float,
+               device: str = "cpu", scale: str = "full") -> dict:
+    """The :data:`PROVENANCE_FIELDS` of a run that has just finished (``scale``: "full", or "quick" for a
+    smoke run at the chapter's live size)."""
+    import numpy
+
+    from .reproducibility import cpu_vendor, generated_on, git_state
+
+    try:
+        from importlib.metadata import version
+
+        moe_lib_version = version("moe-lib")
+    except Exception:  # noqa: BLE001 (a source checkout that is not installed)
+        moe_lib_version = None
+    gpu = torch.cuda.get_device_name(0) if str(device).startswith("cuda") and torch.cuda.is_available() else None
+    git = git_state(paths=("moe_lib",))  # a run of the library: edited notebooks do not make it dirty
+    return {
+        "command": command, "scale": scale, "parameters": dict(parameters), "seeds": [int(s) for s in seeds],
+        "git_commit": git["git_commit"], "git_dirty": git["git_dirty"],
+        "cpu_model": generated_on()["cpu_model"] or platform.processor(), "cpu_vendor": cpu_vendor(),
+        "cpu_threads": torch.get_num_threads(), "device": str(device), "gpu": gpu,
+        "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+        "moe_lib": moe_lib_version,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "wall_s": round(wall_s, 1),
+    }
+
+
+# ------------------------------------------------------------------------------------------ files
+def validate(result: Mapping) -> dict:
+    """Check ``result`` against :data:`SCHEMA`; returns it. ValueError naming what is missing or wrong."""
+    if not isinstance(result, Mapping):
+        raise ValueError(f"a full-scale result must be a JSON object, got {type(result).__name__}")
+    missing = [k for k in TOP_FIELDS if k not in result]
+    if missing:
+        raise ValueError(f"full-scale result lacks the fields {missing}")
+    if result["schema"] != SCHEMA:
+        raise ValueError(f"full-scale result has schema {result['schema']!r}; this moe_lib reads {SCHEMA!r}")
+    lacking = [k for k in PROVENANCE_FIELDS if k not in result["provenance"]]
+    if lacking:
+        raise ValueError(f"full-scale result's provenance lacks {lacking}")
+    for i, curve in enumerate(result["curves"]):
+        if not {"model", "seed", "x", "y"} <= set(curve):
+            raise ValueError(f"curves[{i}] needs model, seed, x and y; has {sorted(curve)}")
+        if len(curve["x"]) != len(curve["y"]):
+            raise ValueError(f"curves[{i}] ({curve['model']}, seed {curve['seed']}): x and y differ in length")
+    for i, final in enumerate(result["finals"]):
+        if not {"model", "seed", "metric", "value"} <= set(final):
+            raise ValueError(f"finals[{i}] needs model, seed, metric and value; has {sorted(final)}")
+    seeds = set(result["provenance"]["seeds"])
+    stray = {f["seed"] for f in result["finals"]} - seeds
+    if stray:
+        raise ValueError(f"finals name seeds {sorted(stray)} that the provenance does not list")
+    return dict(result)
+
+
+def load(path: str | Path) -> dict:
+    """Read and :func:`validate` one results file."""
+    with open(path, encoding="utf-8") as f:
+        result = json.load(f)
+    try:
+        return validate(result)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def files(folder: str | Path = DEFAULT_FOLDER, experiment: str | None = None) -> list[Path]:
+    """The results files in ``folder`` (of one ``experiment`` key, e.g. ``"ch08"``), oldest first."""
+    pattern = f"{experiment}_*.json" if experiment else "*.json"
+    return sorted(Path(folder).glob(pattern))
+
+
+def latest(experiment: str, folder: str | Path = DEFAULT_FOLDER) -> dict:
+    """The newest results file of ``experiment`` (by its recorded date); FileNotFoundError if none."""
+    found = [load(p) for p in files(folder, experiment)]
+    if not found:
+        raise FileNotFoundError(f"no full-scale results of {experiment!r} in {Path(folder).resolve()} "
+                                f"(run: python -m moe_lib.full_scale {experiment})")
+    return max(found, key=lambda r: r["provenance"]["date"])
+
+
+def finals(result: Mapping, metric: str) -> dict[str, list[float]]:
+    """``{model: [value per seed, in seed order]}`` of one ``metric`` of a result (for moe_lib.stats)."""
+    rows = [f for f in result["finals"] if f["metric"] == metric]
+    if not rows:
+        known = sorted({f["metric"] for f in result["finals"]})
+        raise ValueError(f"metric must be one of {known}, got {metric!r}")
+    out: dict[str, list[float]] = {}
+    for row in sorted(rows, key=lambda r: r["seed"]):
+        out.setdefault(row["model"], []).append(float(row["value"]))
+    return out
+
+
+def curves(result: Mapping) -> dict[str, tuple[list[float], list[list[float]]]]:
+    """``{model: (x, [y per seed])}``; the seeds of a model share one ``x``."""
+    out: dict[str, tuple[list[float], list[list[float]]]] = {}
+    for curve in sorted(result["curves"], key=lambda c: c["seed"]):
+        x, ys = out.setdefault(curve["model"], (list(curve["x"]), []))
+        if list(curve["x"]) != x:
+            raise ValueError(f"the seeds of {curve['model']!r} were measured at different x")
+        ys.append(list(curve["y"]))
+    return out
+
+
+def label(result: Mapping) -> str:
+    """One line saying where and when a result was made, for a figure title or a table caption."""
+    p = result["provenance"]
+    where = p["gpu"] or f"{p['cpu_model']}, {p['cpu_threads']} thread{'s' if p['cpu_threads'] != 1 else ''}"
+    return (f"{p['scale']} scale, {len(p['seeds'])} seeds, {where}, {p['date'][:10]}, "
+            f"{p['wall_s'] / 60:.0f} min, commit {str(p['git_commit'])[:7]}")
+
+
+def plot_curves(result: Mapping, ax, *, x_scale: float = 1.0, models: Sequence[str] | None = None) -> None:
+    """Mean and 95 % band per model, each seed thin (as the chapters plot their live runs)."""
+    import numpy as np
+
+    from .plot import mean_band
+
+    for name, (x, ys) in curves(result).items():
+        if models is not None and name not in models:
+            continue
+        xs = np.asarray(x, dtype=float) * x_scale
+        line = mean_band(ax, xs, ys, label=name, marker="o", ms=2, alpha=0.12)
+        for y in ys:
+            ax.plot(xs, y, color=line.get_color(), lw=0.6, alpha=0.5)
+    ax.set(xlabel=result["x_label"], ylabel=result["y_label"])
+
+
+# ------------------------------------------------------------------------------------------ running
+def _coerce(name: str, text: str, default: Any) -> Any:
+    """``--set name=text`` as the type of the default (lists as JSON)."""
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false"):
+                raise ValueError
+            return text.lower() == "true"
+        if isinstance(default, (list, tuple, dict)) or default is None:
+            return json.loads(text)
+        return type(default)(text)
+    except ValueError:
+        raise ValueError(f"--set {name}={text!r}: expected a value like {default!r}") from None
+
+
+def run(key: str, overrides: Mapping[str, Any] | None = None, *, out: str | Path = DEFAULT_FOLDER,
+        command: str | None = None, quick: bool = False) -> Path:
+    """Run experiment ``key`` with its full-scale defaults (or its quick size) updated by ``overrides``,
+    write the results file into ``out`` and return its path."""
+    if key not in EXPERIMENTS:
+        raise ValueError(f"experiment must be one of {sorted(EXPERIMENTS)}, got {key!r}")
+    exp = EXPERIMENTS[key]
+    parameters = dict(exp.defaults)
+    if quick:
+        parameters.update(exp.quick)
+    unknown = sorted(set(overrides or {}) - set(parameters))
+    if unknown:
+        raise ValueError(f"{key} has no parameter {unknown}; its parameters are {sorted(parameters)}")
+    parameters.update(overrides or {})
+    seeds = list(range(parameters["seed"], parameters["seed"] + parameters["seeds"]))
+    start = time.perf_counter()
+    measured = exp.run(**parameters)
+    wall = time.perf_counter() - start
+    result = {
+        "schema": SCHEMA, "experiment": key, "chapter": exp.chapter, "title": exp.title,
+        "x_label": exp.x_label, "y_label": exp.y_label,
+        "provenance": provenance(command or f"python -m moe_lib.full_scale {key}", parameters, seeds, wall,
+                                 parameters.get("device", "cpu"), "quick" if quick else "full"),
+        "curves": measured["curves"], "finals": measured["finals"], "extra": measured.get("extra", {}),
+    }
+    validate(result)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = result["provenance"]["date"][:19].replace(":", "").replace("-", "")
+    path = folder / f"{key}_{stamp}.json"
+    n = 1
+    while path.exists():  # never overwrite a run
+        n += 1
+        path = folder / f"{key}_{stamp}_{n}.json"
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1, allow_nan=True)
+        f.write("\n")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moe_lib.full_scale", description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", nargs="?", help="an experiment key (--list shows them)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="override one parameter (repeatable)")
+    parser.add_argument("--out", default=DEFAULT_FOLDER, help=f"folder of the results files ({DEFAULT_FOLDER})")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the book's profile)")
+    parser.add_argument("--quick", action="store_true", help="the chapter's live size (a smoke run)")
+    parser.add_argument("--list", action="store_true", help="list the experiments and their parameters")
+    args = parser.parse_args(argv)
+    if args.list or not args.experiment:
+        for key, exp in sorted(EXPERIMENTS.items()):
+            print(f"{key}: chapter {exp.chapter}, {exp.title}\n    full scale: {dict(exp.defaults)}")
+        return 0
+    if args.experiment not in EXPERIMENTS:
+        parser.error(f"experiment must be one of {sorted(EXPERIMENTS)}, got {args.experiment!r}")
+    exp = EXPERIMENTS[args.experiment]
+    base = {**exp.defaults, **(exp.quick if args.quick else {})}
+    overrides = {}
+    for item in args.set:
+        name, sep, text = item.partition("=")
+        if not sep or name not in base:
+            parser.error(f"--set needs NAME=VALUE with NAME one of {sorted(base)}, got {item!r}")
+        overrides[name] = _coerce(name, text, base[name])
+    torch.set_num_threads(args.threads)
+    command = "python -m moe_lib.full_scale " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    path = run(args.experiment, overrides, out=args.out, command=command, quick=args.quick)
+    result = load(path)
+    print(f"{path}: {label(result)}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ experiments
+def _lm_scaling(*, seed: int, seeds: int, steps: int, batch_size: int, seq_len: int, d_model: int,
+                n_layers: int, d_ff: int, num_experts: int, eval_windows: int | None, eval_every: int,
+                backend: str, device: str) -> dict:
+    """Chapter 8: dense, Switch, top-2 and fine-grained + shared experts at equal active parameters
+    (``moe_lib.models.lm_variants``), trained on the same batches per seed; validation loss against
+    training FLOPs (3 × the counted forward FLOPs per token × the tokens seen)."""
+    from .corpus import stdlib_corpus
+    from .models import TransformerLM, flops_per_token, lm_variants, parameter_counts
+    from .models.comparison import train_over_seeds
+
+    corpus = stdlib_corpus()
+    configs = lm_variants(d_model=d_model, n_layers=n_layers, seq_len=seq_len, d_ff=d_ff,
+                          num_experts=num_experts, backend=backend)
+    flops, params = {}, {}
+    for name, cfg in configs.items():
+        model = TransformerLM(cfg)
+        flops[name] = flops_per_token(model)
+        params[name] = parameter_counts(model)
+    runs = train_over_seeds(configs, corpus.train, corpus.val, seeds=range(seed, seed + seeds), steps=steps,
+                            batch_size=batch_size, eval_every=eval_every, eval_windows=eval_windows,
+                            device=device)
+    tokens_per_step = batch_size * seq_len
+    curves_, finals_ = [], []
+    for name, seed_runs in runs.items():
+        for r in seed_runs:
+            curves_.append({"model": name, "seed": r.seed,
+                            "x": [3 * flops[name] * tokens_per_step * s for s in r.history.eval_step],
+                            "y": [float(v) for v in r.history.val_loss]})
+            finals_ += [{"model": name, "seed": r.seed, "metric": "final_val_loss", "value": float(r.final_loss)},
+                        {"model": name, "seed": r.seed, "metric": "train_seconds", "value": r.train_seconds}]
+    return {"curves": curves_, "finals": finals_,
+            "extra": {"flops_per_token": flops, "parameters": params, "tokens_per_step": tokens_per_step,
+                      "eval_steps": list(runs["dense"][0].history.eval_step)}}
+
+
+register(Experiment(
+    key="ch08", chapter=8, title="MoE language models vs dense at equal active parameters",
+    x_label="training FLOPs (3 × forward FLOPs/token × tokens)", y_label="validation loss (nats/byte)",
+    run=_lm_scaling,
+    defaults=dict(seed=0, seeds=3, steps=2000, batch_size=16, seq_len=64, d_model=64, n_layers=2, d_ff=128,
+                  num_experts=8, eval_windows=256, eval_every=100, backend="loop", device="cpu"),
+    quick=dict(seeds=1, steps=30, eval_every=10, eval_windows=16),
+))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
