@@ -452,3 +452,219 @@ def plot_tile_schedule(tile_expert, tile_row, offsets, block_m: int, ax=None):
     ax.set_ylabel("row in tile")
     ax.grid(False)
     return ax
+
+
+#: The parts of the MoE layer's data path that :func:`data_path_figure` can highlight, in data-path order.
+DATA_PATH_PARTS = ("router", "aux_loss", "dispatch", "capacity", "experts", "backend", "parallel", "combine")
+
+# Three looks for a part: "normal" (nothing highlighted), "on" (highlighted) and "off" (muted).
+_DP_BOX = {
+    "normal": dict(facecolor="#DCE6F2", edgecolor="#4C72B0", linewidth=1.2),
+    "on": dict(facecolor="#F6C9A6", edgecolor="#C0581F", linewidth=2.2),
+    "off": dict(facecolor="#F4F4F4", edgecolor="#C4C4C4", linewidth=0.8),
+}
+_DP_TEXT = {
+    "normal": dict(color="#1F2A3A", fontweight="normal"),
+    "on": dict(color="#8A3A0E", fontweight="bold"),
+    "off": dict(color="#A6A6A6", fontweight="normal"),
+}
+_DP_NOTE = {  # the annotations of the sub-parts (aux_loss, capacity, backend, parallel)
+    "normal": dict(color="#3A4A60", fontweight="normal"),
+    "on": dict(color="#A8470F", fontweight="bold"),
+    "off": dict(color="#B0B0B0", fontweight="normal"),
+}
+_DP_LINE = {"normal": "#4C72B0", "on": "#C0581F", "off": "#C4C4C4", "flow": "#8C8C8C"}
+_DP_ENDS = dict(facecolor="white", edgecolor="#7F7F7F", linewidth=1.0)  # the x and y boxes
+
+
+def _data_path_highlight(highlight) -> frozenset:
+    """``highlight`` (a part name or an iterable of them) as a set of names; ValueError naming the accepted
+    values otherwise."""
+    accepted = ", ".join(repr(p) for p in DATA_PATH_PARTS)
+    names = (highlight,) if isinstance(highlight, str) else highlight
+    try:
+        names = list(names)
+    except TypeError:
+        raise ValueError(
+            f"highlight must be a part name or an iterable of part names (accepted values: {accepted}), "
+            f"got {highlight!r} of type {type(highlight).__name__}") from None
+    unknown = [n for n in names if not isinstance(n, str) or n not in DATA_PATH_PARTS]
+    if unknown:
+        raise ValueError(f"unknown part(s) in highlight: {', '.join(map(repr, unknown))}; "
+                         f"accepted values: {accepted}")
+    return frozenset(names)
+
+
+def _dp_box(ax, part, look, x, y, w, h, label, fontsize, z=2):
+    """A rounded box centred at (x, y), ``w`` × ``h`` in inches, with ``label``; its artists get gid ``part``."""
+    from matplotlib.patches import FancyBboxPatch
+
+    pad = min(0.06, h / 6)
+    style = _DP_ENDS if part is None else _DP_BOX[look]
+    box = FancyBboxPatch((x - w / 2 + pad, y - h / 2 + pad), w - 2 * pad, h - 2 * pad,
+                         boxstyle=f"round,pad={pad}", zorder=z, **style)
+    box.set_gid(part)
+    ax.add_patch(box)
+    if label:
+        text = ax.text(x, y, label, ha="center", va="center", fontsize=fontsize, zorder=z + 1,
+                       linespacing=1.15, **_DP_TEXT["normal" if part is None else look])
+        text.set_gid(part)
+    return box
+
+
+def _dp_arrow(ax, a, b, part=None, look="normal", style="-|>", lw=1.2, ls="-", z=1, **kw):
+    from matplotlib.patches import FancyArrowPatch
+
+    arrow = FancyArrowPatch(a, b, arrowstyle=style, mutation_scale=10, color=_DP_LINE[look], lw=lw,
+                            linestyle=ls, zorder=z, shrinkA=0, shrinkB=0, **kw)
+    arrow.set_gid(part)
+    ax.add_patch(arrow)
+    return arrow
+
+
+def _dp_note(ax, part, look, x, y, text, fontsize, **kw):
+    artist = ax.text(x, y, text, fontsize=fontsize, linespacing=1.15, zorder=4, **{**_DP_NOTE[look], **kw})
+    artist.set_gid(part)
+    return artist
+
+
+def data_path_figure(highlight=(), *, small=False, ax=None):
+    """The MoE layer's data path as one diagram, with the parts a chapter works on highlighted.
+
+    Tokens ``x`` (``T × d``) go to the **router** (scores, top-k experts per token and their gates; the
+    auxiliary losses, **aux_loss**, leave the layer there), then to **dispatch** (the token copies grouped
+    by expert; **capacity**: a capacity factor bounds each expert's rows and the overflow is dropped and
+    counted), the **experts** (``E`` feed-forward networks; **backend**: the loop / torch / grouped_mm /
+    triton ways to run them; **parallel**: the all-to-all exchanges around them when the experts live on
+    several devices) and **combine** (each token's expert outputs summed, weighted by its gates) to ``y``.
+    The layer as in Shazeer et al. (2017, sparsely-gated MoE); dispatch with a capacity and the all-to-all
+    as in Lepikhin et al. (2021, GShard).
+
+    ``highlight``: a part name or an iterable of them, from :data:`DATA_PATH_PARTS`; those parts are drawn
+    emphasised (orange, bold), the others muted (grey); with none, every part is drawn plainly. ``small``:
+    a compact banner (about 7 × 1.3 inches, short labels) for the top of a chapter; otherwise the full
+    diagram (about 8 × 3.5 inches) with a sentence per part. ``ax``: draw into these axes (their limits
+    are set and their frame turned off) instead of a new figure. Every artist of a part carries that
+    part's name as its gid. Returns the figure; nothing is closed.
+    """
+    parts = _data_path_highlight(highlight)
+
+    def look(part):  # part None: the arrows of the token flow
+        if not parts:
+            return "normal"
+        return "flow" if part is None else ("on" if part in parts else "off")
+
+    width, height = (7.0, 1.3) if small else (8.0, 3.5)
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=(width, height))
+        ax = fig.add_axes((0, 0, 1, 1))
+    fig = ax.figure
+    ax.set_xlim(0, width)
+    ax.set_ylim(0, height)
+    ax.set_aspect("equal", adjustable="box")
+    ax.axis("off")
+    if small:
+        _data_path_small(ax, look)
+    else:
+        _data_path_full(ax, look)
+    return fig
+
+
+def _dp_experts(ax, look, x, y, w, h, label, fontsize, frame):
+    """The experts as a deck of boxes, with the expert-parallel frame (dashed) around it."""
+    from matplotlib.patches import FancyBboxPatch
+
+    step = 0.05 if frame < 0.15 else 0.07
+    for i in (2, 1):  # the deck behind the front box
+        _dp_box(ax, "experts", look("experts"), x + i * step, y + i * step, w, h, None, fontsize, z=2 - i * 0.1)
+    _dp_box(ax, "experts", look("experts"), x, y, w, h, label, fontsize)
+    pad = frame
+    par = look("parallel")
+    rect = FancyBboxPatch((x - w / 2 - pad, y - h / 2 - pad), w + 2 * pad + 2 * step, h + 2 * pad + 2 * step,
+                          boxstyle="round,pad=0.02", fill=False, linestyle=(0, (4, 2.5)), zorder=1.5,
+                          edgecolor=_DP_LINE[par], linewidth={"on": 2.0, "normal": 1.1, "off": 0.9}[par])
+    rect.set_gid("parallel")
+    ax.add_patch(rect)
+    return rect
+
+
+def _data_path_full(ax, look):
+    y, h, fs = 2.0, 0.78, 9
+    xs = {"x": 0.45, "router": 1.7, "dispatch": 3.2, "experts": 4.8, "combine": 6.35, "y": 7.58}
+    ws = {"x": 0.75, "router": 1.2, "dispatch": 1.35, "experts": 1.05, "combine": 1.3, "y": 0.65}
+    _dp_box(ax, None, "normal", xs["x"], y, ws["x"], h, "tokens x\nT × d", fs)
+    _dp_box(ax, None, "normal", xs["y"], y, ws["y"], h, "y\nT × d", fs)
+    _dp_box(ax, "router", look("router"), xs["router"], y, ws["router"], h, "router\nscores, top-k", fs)
+    _dp_box(ax, "dispatch", look("dispatch"), xs["dispatch"], y, ws["dispatch"], h,
+            "dispatch\ngroup by expert", fs)
+    _dp_box(ax, "combine", look("combine"), xs["combine"], y, ws["combine"], h,
+            "combine\nΣ gate · output", fs)
+    frame = _dp_experts(ax, look, xs["experts"], y, ws["experts"], h, "experts\nE FFNs", fs, frame=0.16)
+    fx0 = frame.get_x()
+    fx1 = fx0 + frame.get_width()
+
+    def right(k):
+        return xs[k] + ws[k] / 2
+
+    def left(k):
+        return xs[k] - ws[k] / 2
+
+    for a, b in (("x", "router"), ("router", "dispatch")):
+        _dp_arrow(ax, (right(a), y), (left(b), y), look=look(None))
+    par = look("parallel")
+    _dp_arrow(ax, (right("dispatch"), y), (fx0 + 0.12, y), look=look(None))
+    _dp_arrow(ax, (fx1 - 0.02, y), (left("combine"), y), look=look(None))
+    _dp_arrow(ax, (right("combine"), y), (left("y"), y), look=look(None))
+    # The gates: from the router to combine, under the row.
+    gy = 0.98
+    gate = look("router") if look("router") != "off" or look("combine") == "off" else look("combine")
+    ax.plot([xs["router"] + 0.2, xs["router"] + 0.2, xs["combine"]], [y - h / 2, gy, gy],
+            color=_DP_LINE[gate], lw=1.1, zorder=1, gid="gates")
+    _dp_arrow(ax, (xs["combine"], gy), (xs["combine"], y - h / 2), look=gate, lw=1.1)
+    ax.text(xs["router"] + 0.3, gy + 0.06, "gates (T × k weights)", fontsize=8, va="bottom",
+            color=_DP_NOTE[gate]["color"], zorder=4, gid="gates")
+    # aux_loss: leaves the router upwards.
+    aux = look("aux_loss")
+    _dp_arrow(ax, (xs["router"], y + h / 2), (xs["router"], 3.0), part="aux_loss", look=aux,
+              lw=2.0 if aux == "on" else 1.1, ls="--")
+    _dp_note(ax, "aux_loss", aux, xs["router"], 3.05,
+             "aux_loss: load-balancing (+ z) loss\nadded to the training loss", 8.5, ha="center", va="bottom")
+    # parallel: the dashed frame, its note above.
+    _dp_note(ax, "parallel", par, (fx0 + fx1) / 2, frame.get_y() + frame.get_height() + 0.08,
+             "parallel: all-to-all to the experts'\ndevices and back (expert parallelism)", 8.5,
+             ha="center", va="bottom")
+    # capacity and backend: notes under the gates line, under their boxes.
+    _dp_note(ax, "capacity", look("capacity"), xs["dispatch"] - 0.3, 0.8,
+             "capacity: ≤ C rows per expert\n(capacity factor); overflow\ntokens dropped and counted", 8.5,
+             ha="center", va="top")
+    _dp_note(ax, "backend", look("backend"), xs["experts"] + 0.3, 0.8,
+             "backend: the E FFNs run by\nloop / torch / grouped_mm /\ntriton kernels", 8.5, ha="center",
+             va="top")
+
+
+def _data_path_small(ax, look):
+    y, h, fs = 0.62, 0.5, 8.5
+    xs = {"x": 0.35, "router": 1.45, "dispatch": 2.85, "experts": 4.3, "combine": 5.7, "y": 6.7}
+    ws = {"x": 0.55, "router": 0.95, "dispatch": 1.0, "experts": 0.9, "combine": 1.0, "y": 0.45}
+    _dp_box(ax, None, "normal", xs["x"], y, ws["x"], h, "x", fs)
+    _dp_box(ax, None, "normal", xs["y"], y, ws["y"], h, "y", fs)
+    for part in ("router", "dispatch", "combine"):
+        _dp_box(ax, part, look(part), xs[part], y, ws[part], h, part, fs)
+    frame = _dp_experts(ax, look, xs["experts"], y, ws["experts"], h, "experts", fs, frame=0.09)
+    fx0 = frame.get_x()
+    fx1 = fx0 + frame.get_width()
+    for a, b in (("x", "router"), ("router", "dispatch"), ("combine", "y")):
+        _dp_arrow(ax, (xs[a] + ws[a] / 2, y), (xs[b] - ws[b] / 2, y), look=look(None))
+    _dp_arrow(ax, (xs["dispatch"] + ws["dispatch"] / 2, y), (fx0 + 0.05, y), look=look(None))
+    _dp_arrow(ax, (fx1 - 0.01, y), (xs["combine"] - ws["combine"] / 2, y), look=look(None))
+    aux = look("aux_loss")
+    _dp_arrow(ax, (xs["router"], y + h / 2), (xs["router"], 1.05), part="aux_loss", look=aux,
+              lw=1.8 if aux == "on" else 1.0, ls="--")
+    _dp_note(ax, "aux_loss", aux, xs["router"] + 0.08, 1.12, "aux_loss", 8, ha="left", va="center")
+    _dp_note(ax, "capacity", look("capacity"), xs["dispatch"], 0.18, "capacity", 8, ha="center", va="center")
+    _dp_note(ax, "backend", look("backend"), xs["experts"] + 0.05, 0.1, "backend", 8, ha="center",
+             va="center")
+    _dp_note(ax, "parallel", look("parallel"), xs["experts"] + 0.05, 1.17, "parallel (all-to-all)", 8,
+             ha="center", va="center")
