@@ -338,5 +338,148 @@ register(Experiment(
 ))
 
 
+
+def _router_stability(*, seed: int, seeds: int, n_train: int, steps: int, lrs: list, d_model: int, d_ff: int,
+                      num_experts: int, device: str) -> dict:
+    """Chapter 6: a top-1 (Switch) router trained at learning rates up to 100× the chapter's default, with a
+    float32 router, a bfloat16 router, and float32 plus ST-MoE's z-loss (Zoph et al. 2022, eq. 5;
+    c_z = 0.001): does any run degrade, and does the z-loss rescue it? One curve per variant and seed: test
+    accuracy against the learning rate; finals per (variant @ lr, seed): accuracy, test loss, the largest
+    router logit of training and the mean training loss of the last 50 steps."""
+    import numpy as np
+
+    from .tasks import multi_domain_task, train_over_seeds
+
+    train = multi_domain_task(n_train, seed=seed)
+    test = multi_domain_task(4096, seed=seed + 1000)
+    variants = {"float32 router": {}, "bfloat16 router": {"router_dtype": "bfloat16"},
+                "float32 + z-loss 0.001": {"z_loss_coef": 0.001}}
+    seed_list = list(range(seed, seed + seeds))
+    acc: dict[str, dict[int, list[float]]] = {v: {s: [] for s in seed_list} for v in variants}
+    finals_ = []
+    for lr in lrs:
+        for variant, extra in variants.items():
+            run = train_over_seeds(train, test, seeds=seed_list, router="switch", aux_loss_coef=0.01, lr=lr,
+                                   steps=steps, num_experts=num_experts, d_model=d_model, d_ff=d_ff, expert="mlp",
+                                   device=device, keep_models=False, **extra)
+            for i, s in enumerate(run.seeds):
+                h = run.histories[i]
+                values = {"accuracy": run["accuracy"].values[i], "test_loss": run["loss"].values[i],
+                          "max_logit": float(np.nanmax(h.max_logit)) if len(h.max_logit) else float("nan"),
+                          "final_train_loss": float(np.mean(h.train_loss[-50:]))}
+                finals_ += [{"model": f"{variant} @ lr {lr:g}", "seed": s, "metric": m, "value": float(v)}
+                            for m, v in values.items()]
+                acc[variant][s].append(float(run["accuracy"].values[i]))
+    curves_ = [{"model": v, "seed": s, "x": [float(lr) for lr in lrs], "y": ys}
+               for v, by_seed in acc.items() for s, ys in by_seed.items()]
+    return {"curves": curves_, "finals": finals_, "extra": {"variants": list(variants), "lrs": list(lrs),
+                                                           "chapter_default_lr": 3e-3, "chapter_high_lr": 3e-2}}
+
+
+register(Experiment(
+    key="ch06", chapter=6, title="Router stability at high learning rates: float32, bfloat16, z-loss",
+    x_label="learning rate (Adam)", y_label="test accuracy", run=_router_stability,
+    defaults=dict(seed=0, seeds=5, n_train=32768, steps=1500, lrs=[0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
+                  d_model=32, d_ff=32, num_experts=8, device="cpu"),
+    quick=dict(seeds=2, n_train=1024, steps=20, lrs=[0.003, 1.0]),
+))
+
+
+def _finetune_overfit(*, seed: int, seeds: int, pretrain_steps: int, finetune_steps: int, eval_every: int,
+                      batch_size: int, seq_len: int, d_model: int, d_ff: int, num_experts: int, lr: float,
+                      device: str) -> dict:
+    """Chapter 15: pre-train a dense and a top-2 MoE language model of equal active size
+    (``lm_variants``) on the general corpus, then fine-tune each (all parameters) on the small task corpus
+    for many passes, measuring the training and held-out loss as it goes (ST-MoE, Zoph et al. 2022, §4.1:
+    sparse models overfit small tasks more). Curves: held-out loss against fine-tuning step (the training
+    loss on the same steps in ``train``); finals: final and best held-out loss, final gap."""
+    from .corpus import stdlib_corpus
+    from .models import TransformerLM, evaluate, lm_variants, train_lm
+    from .practice import finetune_lm
+    from .utils import seed_everything
+
+    general = stdlib_corpus()
+    task = stdlib_corpus(["json/decoder.py", "json/encoder.py", "json/scanner.py"])
+    configs = lm_variants(d_model=d_model, n_layers=2, seq_len=seq_len, d_ff=d_ff, num_experts=num_experts)
+    curves_, finals_ = [], []
+    for s in range(seed, seed + seeds):
+        for name in ("dense", "top-2"):
+            seed_everything(s)
+            model = TransformerLM(configs[name]).to(device)
+            train_lm(model, general.train.to(device), steps=pretrain_steps, batch_size=batch_size, seed=s,
+                     progress=False)
+            steps_, tr, va = [], [], []
+
+            def record(step, m, steps_=steps_, tr=tr, va=va):
+                if step == 0:
+                    return
+                steps_.append(step)
+                tr.append(float(evaluate(m, task.train.to(device))["loss"]))
+                va.append(float(evaluate(m, task.val.to(device))["loss"]))
+                m.train()
+
+            seed_everything(s)
+            finetune_lm(model, task.train.to(device), task.val.to(device), steps=finetune_steps,
+                        batch_size=batch_size // 2, seed=s, lr=lr, eval_every=eval_every, callback=record)
+            curves_.append({"model": name, "seed": s, "x": steps_, "y": va, "train": tr})
+            best = min(range(len(va)), key=va.__getitem__)
+            finals_ += [{"model": name, "seed": s, "metric": m, "value": v} for m, v in {
+                "final_val_loss": va[-1], "final_train_loss": tr[-1], "final_gap": va[-1] - tr[-1],
+                "best_val_loss": va[best], "best_step": float(steps_[best]),
+                "overfit": va[-1] - va[best]}.items()]
+    task_bytes = int(task.train.numel())
+    return {"curves": curves_, "finals": finals_,
+            "extra": {"task_train_bytes": task_bytes, "task_val_bytes": int(task.val.numel()),
+                      "passes_over_task": finetune_steps * (batch_size // 2) * seq_len / task_bytes}}
+
+
+register(Experiment(
+    key="ch15", chapter=15, title="Fine-tuning on a small task: does the MoE overfit more than dense?",
+    x_label="fine-tuning step", y_label="held-out task loss (nats/byte)", run=_finetune_overfit,
+    defaults=dict(seed=0, seeds=5, pretrain_steps=300, finetune_steps=1500, eval_every=100, batch_size=16,
+                  seq_len=32, d_model=64, d_ff=128, num_experts=8, lr=1e-3, device="cpu"),
+    quick=dict(seeds=1, pretrain_steps=10, finetune_steps=20, eval_every=10),
+))
+
+
+def _mmoe_correlation(*, seed: int, seeds: int, n_train: int, steps: int, correlations: list, num_experts: int,
+                      expert_hidden: int, tower_hidden: int, lr: float, device: str) -> dict:
+    """Chapter 17: shared-bottom, OMoE and MMoE (Ma et al. 2018, eq. 1, 5-7) on the paper's synthetic task
+    pairs (§3.2) at several task correlations, with the paper's expert count and width; the shared bottom's
+    width is chosen to match MMoE's parameter count (as the paper's 113 units did). Curves: relative test
+    error against correlation per task draw; finals per (model, draw): the error at each correlation and the
+    gap between the lowest and highest correlation."""
+    from .applications import MMoE, OMoE, SharedBottom, num_parameters, relative_error_run
+
+    mmoe = lambda: MMoE(100, num_experts, expert_hidden, expert_hidden, tower_hidden)  # noqa: E731
+    target = num_parameters(mmoe())
+    width = next(w for w in range(1, 4096) if num_parameters(SharedBottom(100, w, tower_hidden)) >= target)
+    makers = {"shared-bottom": lambda: SharedBottom(100, width, tower_hidden),
+              "OMoE (one gate)": lambda: OMoE(100, num_experts, expert_hidden, expert_hidden, tower_hidden),
+              "MMoE (one gate per task)": mmoe}
+    curves_, finals_ = [], []
+    low, high = min(correlations), max(correlations)
+    for name, make in makers.items():
+        for s in range(seed, seed + seeds):
+            errors = [float(relative_error_run(make, p, s, n_train=n_train, steps=steps, lr=lr, device=device))
+                      for p in correlations]
+            curves_.append({"model": name, "seed": s, "x": [float(p) for p in correlations], "y": errors})
+            finals_ += [{"model": name, "seed": s, "metric": f"error_p{p:g}", "value": e}
+                        for p, e in zip(correlations, errors)]
+            by_p = dict(zip(correlations, errors))
+            finals_.append({"model": name, "seed": s, "metric": "gap", "value": by_p[low] - by_p[high]})
+    return {"curves": curves_, "finals": finals_,
+            "extra": {"parameters": {name: num_parameters(make()) for name, make in makers.items()},
+                      "shared_bottom_width": width}}
+
+
+register(Experiment(
+    key="ch17", chapter=17, title="MMoE, OMoE and shared-bottom as the tasks decorrelate",
+    x_label="task correlation p", y_label="relative test error (MSE / label variance)", run=_mmoe_correlation,
+    defaults=dict(seed=0, seeds=20, n_train=8000, steps=1000, correlations=[1.0, 0.9, 0.7, 0.5],
+                  num_experts=8, expert_hidden=16, tower_hidden=8, lr=1e-2, device="cpu"),
+    quick=dict(seeds=2, n_train=256, steps=10, correlations=[1.0, 0.5]),
+))
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -173,7 +173,7 @@ def expert_utilisation(model: nn.Module, idx: Tensor) -> Tensor:
 def finetune_lm(pretrained: nn.Module, train_data: Tensor, val_data: Tensor, *, train=PARAMETER_ROLES,
                 expert_dropout: float = 0.0, z_loss_coef: float | None = None, lr: float = 1e-3,
                 steps: int = 60, batch_size: int = 8, seed: int = 0, probe: Tensor | None = None,
-                eval_windows: int | None = None) -> dict:
+                eval_windows: int | None = None, eval_every: int = 50, callback=None) -> dict:
     """Fine-tune a **copy** of a pre-trained :class:`~moe_lib.models.TransformerLM` with one of ST-MoE's
     recipes (Zoph et al. 2022, §4.3) and measure what the article worries about.
 
@@ -182,6 +182,8 @@ def finetune_lm(pretrained: nn.Module, train_data: Tensor, val_data: Tensor, *, 
         z_loss_coef: set every MoE layer's router z-loss weight (ST-MoE eq. 5; ``None`` keeps it);
         lr, steps, batch_size, seed: :func:`moe_lib.models.train_lm` (AdamW, warm-up + cosine);
         probe: token ids ``[B, L]`` on which router drift and expert utilisation are measured.
+        callback, eval_every: :func:`~moe_lib.models.train_lm`'s ``callback(step, model)``, called every
+            ``eval_every`` steps (e.g. to record the training and held-out loss as fine-tuning goes on).
 
     Returns:
         ``{"model", "history", "train_loss", "val_loss", "gap", "trainable", "drift", "utilisation"}`` —
@@ -204,7 +206,7 @@ def finetune_lm(pretrained: nn.Module, train_data: Tensor, val_data: Tensor, *, 
         add_expert_dropout(model, expert_dropout)
     trainable = freeze_roles(model, train)
     history = train_lm(model, train_data, steps=steps, batch_size=batch_size, lr=lr, warmup=max(1, steps // 10),
-                       seed=seed, progress=False)
+                       seed=seed, eval_every=eval_every, callback=callback, progress=False)
     for p in model.parameters():
         p.requires_grad_(True)
     tr = evaluate(model, train_data, max_windows=eval_windows)["loss"]
