@@ -528,6 +528,55 @@ def _dp_note(ax, part, look, x, y, text, fontsize, **kw):
     return artist
 
 
+def _shown_once_figure_class():
+    """The figure class of :func:`data_path_figure`, built on first use (importing this module needs no
+    matplotlib) and kept as the module attribute ``_ShownOnceFigure`` (so that its figures pickle)."""
+    cls = globals().get("_ShownOnceFigure")
+    if cls is not None:
+        return cls
+    from matplotlib.figure import Figure
+
+    class ShownOnceFigure(Figure):
+        """A figure that IPython displays at most once per executed cell.
+
+        A notebook cell ``data_path_figure(...);`` shows the figure through the inline backend at the end of
+        the cell; the ``;`` keeps IPython from showing the returned figure a second time. Kernels driven
+        with ``store_history=False`` (nbval) ignore the ``;``, and the figure would appear twice there:
+        every display of this figure within one execution request after the first is skipped.
+        """
+
+        def _ipython_display_(self):
+            from IPython import get_ipython
+            from IPython.display import publish_display_data
+
+            shell = get_ipython()
+            if shell is None:
+                return
+            header = (getattr(shell, "parent_header", None) or {}).get("header", {})
+            request = (header.get("msg_id"), shell.execution_count)
+            if self.__dict__.get("_moe_book_shown_in") == request:
+                return
+            self._moe_book_shown_in = request
+            self._ipython_display_ = None  # hide this method while IPython formats the figure
+            try:
+                data, metadata = shell.display_formatter.format(self)
+            finally:
+                del self._ipython_display_
+            if data:
+                publish_display_data(data, metadata=metadata)
+
+    ShownOnceFigure.__name__ = ShownOnceFigure.__qualname__ = "_ShownOnceFigure"
+    ShownOnceFigure.__module__ = __name__
+    globals()["_ShownOnceFigure"] = ShownOnceFigure
+    return ShownOnceFigure
+
+
+def __getattr__(name):
+    if name == "_ShownOnceFigure":
+        return _shown_once_figure_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def data_path_figure(highlight=(), *, small=False, ax=None):
     """The MoE layer's data path as one diagram, with the parts a chapter works on highlighted.
 
@@ -558,7 +607,7 @@ def data_path_figure(highlight=(), *, small=False, ax=None):
     if ax is None:
         import matplotlib.pyplot as plt
 
-        fig = plt.figure(figsize=(width, height))
+        fig = plt.figure(figsize=(width, height), FigureClass=_shown_once_figure_class())
         ax = fig.add_axes((0, 0, 1, 1))
     fig = ax.figure
     ax.set_xlim(0, width)

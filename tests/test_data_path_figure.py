@@ -115,3 +115,49 @@ def test_new_figure_is_left_open_and_renders():
     fig = data_path_figure(["parallel", "backend"])
     assert plt.fignum_exists(fig.number)
     fig.canvas.draw()
+
+
+class _FakeShell:
+    """What ``_ipython_display_`` uses of an IPython kernel shell."""
+
+    def __init__(self):
+        self.parent_header = {"header": {"msg_id": "request-1"}}
+        self.execution_count = 1
+        self.display_formatter = self
+        self.hidden_while_formatting = []
+
+    def format(self, obj):
+        from IPython.utils.dir2 import get_real_method
+
+        self.hidden_while_formatting.append(get_real_method(obj, "_ipython_display_") is None)
+        return {"text/plain": repr(obj)}, {}
+
+
+def test_a_notebook_shows_the_figure_once_per_executed_cell(monkeypatch):
+    """``data_path_figure(...);`` shows once even where the kernel ignores the ``;`` (nbval runs cells with
+    store_history=False): the inline backend's display and the returned value's are one display."""
+    import pickle
+
+    import IPython
+    import IPython.display
+
+    shell, published = _FakeShell(), []
+    monkeypatch.setattr(IPython, "get_ipython", lambda: shell)
+    monkeypatch.setattr(IPython.display, "publish_display_data",
+                        lambda data, metadata=None: published.append(data))
+    fig = data_path_figure("router", small=True)
+    fig._ipython_display_()  # the returned value, where ';' is ignored
+    fig._ipython_display_()  # the inline backend at the end of the same cell
+    assert len(published) == 1 and shell.hidden_while_formatting == [True]
+    shell.parent_header = {"header": {"msg_id": "request-2"}}  # a later cell shows it again
+    fig._ipython_display_()
+    assert len(published) == 2
+    assert "_ipython_display_" not in fig.__dict__  # the method is back after formatting
+    assert type(pickle.loads(pickle.dumps(fig))) is type(fig)
+
+
+def test_outside_ipython_displaying_does_nothing(monkeypatch):
+    import IPython
+
+    monkeypatch.setattr(IPython, "get_ipython", lambda: None)
+    data_path_figure()._ipython_display_()
