@@ -4,7 +4,12 @@ Serves ``_build/html`` on a free localhost port and opens pages in headless Chro
 ``/usr/bin/chromium``, driven through playwright; never ``playwright install``). A page fails on any
 console error, page error, failed request, HTTP status >= 400, broken image, request to a host other
 than localhost (such requests are blocked and recorded: the book must work offline), or math that
-MathJax did not render. Screenshots go to ``_build/screenshots/`` for humans to look at.
+MathJax did not render. On every chapter page it also checks how the chapter reads (issue 19): no code
+block scrolls sideways (``scrollWidth > clientWidth``, measured with every collapsed cell opened), every
+figure of a cell output is a numbered, captioned figure ("Figure N.M"), plotting cells are collapsed behind a
+toggle, and the exercises render with their solution dropdowns, which open on a click. Screenshots go to
+``_build/screenshots/`` for humans to look at (a chapter's page, and ``NN_..._solution.png``: its first
+solution opened).
 
 Without Chromium or a built book the tests skip, except under CI (``CI`` set to a true value: ``1``,
 ``true``, ``yes``; see ``tests/conftest.py``), where the skip is a failure.
@@ -59,6 +64,37 @@ _MATH_JS = """
       .map(e => e.textContent.trim().slice(0, 80)),
   containers: document.querySelectorAll('mjx-container').length,
 })
+"""
+# How a chapter reads: measured with every collapsed cell and dropdown opened (a closed one has no width).
+_READING_JS = r"""
+() => {
+  document.querySelectorAll('details').forEach(d => { d.open = true; });
+  const inOutput = e => !!e.closest('div.cell_output');
+  const overflowing = Array.from(document.querySelectorAll('div.highlight pre'))
+      .filter(e => !inOutput(e) && e.scrollWidth > e.clientWidth + 1)
+      .map(e => `${e.scrollWidth - e.clientWidth}px too wide: ` +
+                e.textContent.split('\n').reduce((a, b) => (b.length > a.length ? b : a), '').slice(0, 70));
+  const images = Array.from(document.querySelectorAll('div.cell_output img'));
+  const unnumbered = images.filter(img => {
+      const fig = img.closest('figure');
+      const number = fig && fig.querySelector('.caption-number');
+      const text = fig && fig.querySelector('.caption-text');
+      return !(number && /^Figure \d+\.\d+/.test(number.textContent.trim()) &&
+               text && text.textContent.trim().length > 0);
+  }).map(img => img.getAttribute('src'));
+  const exercises = document.querySelector('section#exercises');
+  const result = {
+    overflowing, unnumbered, figures: images.length,
+    collapsed: document.querySelectorAll('div.cell.tag_hide-input').length,
+    toggles: document.querySelectorAll('div.cell.tag_hide-input details.hide').length,
+    exercises: exercises ? Array.from(exercises.querySelectorAll('strong'))
+        .filter(e => /^Exercise \d+\.\d+/.test(e.textContent)).length : 0,
+    dropdowns: exercises ? exercises.querySelectorAll('details.sd-dropdown').length : 0,
+    numrefs: document.querySelectorAll('a.reference.internal span.std-numref').length,
+  };
+  document.querySelectorAll('details').forEach(d => { d.open = false; });
+  return result;
+}
 """
 _WAIT_IMAGES_JS = """
 async () => {
@@ -115,6 +151,7 @@ def test_page_renders_offline(base_url, browser, path, lands_on, name, expects_m
         "non-localhost requests (blocked)": [],
         "broken images": [],
         "math": [],
+        "reading": [],
     }
 
     block_outside_requests(context, problems["non-localhost requests (blocked)"])
@@ -155,11 +192,37 @@ def test_page_renders_offline(base_url, browser, path, lands_on, name, expects_m
 
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+        if path.startswith("notebooks/"):
+            problems["reading"] += _reading_problems(page, name)
     finally:
         context.close()
 
     found = {k: v for k, v in problems.items() if v}
     assert not found, f"{path}:\n" + "\n".join(f"  {k}:\n    " + "\n    ".join(v) for k, v in found.items())
+
+
+def _reading_problems(page, name: str) -> list[str]:
+    """Issue 19's checks on one chapter page (see the module docstring); screenshots a solution opened."""
+    found = page.evaluate(_READING_JS)
+    problems = [f"code block scrolls sideways: {o}" for o in found["overflowing"]]
+    problems += [f"figure without a number and caption: {src}" for src in found["unnumbered"]]
+    if found["figures"] and found["collapsed"] == 0:
+        problems.append("no collapsed (hide-input) cell on a page with figures")
+    if found["toggles"] != found["collapsed"]:
+        problems.append(f"{found['collapsed']} hide-input cells but {found['toggles']} toggles rendered")
+    if not 3 <= found["exercises"] <= 6:
+        problems.append(f"{found['exercises']} exercises rendered (3-6 expected)")
+    if found["dropdowns"] < 1:
+        problems.append("no solution dropdown rendered in the exercises")
+    else:
+        dropdown = page.locator("section#exercises details.sd-dropdown").first
+        dropdown.locator("summary").click()
+        if not dropdown.evaluate("d => d.open"):
+            problems.append("a solution dropdown does not open on a click")
+        else:
+            dropdown.scroll_into_view_if_needed()
+            dropdown.screenshot(path=str(SCREENSHOTS / f"{name}_solution.png"))
+    return problems
 
 
 # ------------------------------------------------------------------------------------- launch buttons
