@@ -65,6 +65,10 @@ class ExpertBank(nn.Module):
     """
 
     kind = "base"
+    #: The backends (:data:`moe_lib.backends.BACKENDS`) that can run this bank: ``loop`` needs
+    #: :meth:`forward_expert`, ``torch`` :meth:`forward_padded`, ``grouped_mm`` :meth:`forward_grouped`;
+    #: a bank that implements fewer lists fewer (``MoELayer`` refuses the others by name).
+    backends: tuple[str, ...] = ("loop", "torch", "grouped_mm")
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, d_out: int | None = None):
         super().__init__()
@@ -147,6 +151,7 @@ class SwiGLUExperts(ExpertBank):
     """``h_e(x) = (silu(x Wg_e) ⊙ x Wu_e) Wd_e`` — the gated FFN of Mixtral/Qwen/DeepSeek (no biases)."""
 
     kind = "swiglu"
+    backends = ("loop", "torch", "grouped_mm", "triton")
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, d_out: int | None = None):
         super().__init__(num_experts, d_model, d_ff, d_out)

@@ -79,9 +79,10 @@ def register(experiment: Experiment) -> Experiment:
 
 # ------------------------------------------------------------------------------------------ provenance
 def provenance(command: str, parameters: Mapping[str, Any], seeds: Sequence[int], wall_s: float,
-               device: str = "cpu", scale: str = "full") -> dict:
+               device: str = "cpu", scale: str = "full", git: Mapping[str, Any] | None = None) -> dict:
     """The :data:`PROVENANCE_FIELDS` of a run that has just finished (``scale``: "full", or "quick" for a
-    smoke run at the chapter's live size)."""
+    smoke run at the chapter's live size; ``git``: :func:`moe_lib.reproducibility.git_state` taken when the
+    run *started*, so a commit made while it ran is not recorded as its code)."""
     import numpy
 
     from .reproducibility import cpu_vendor, generated_on, git_state
@@ -93,7 +94,8 @@ def provenance(command: str, parameters: Mapping[str, Any], seeds: Sequence[int]
     except Exception:  # noqa: BLE001 (a source checkout that is not installed)
         moe_lib_version = None
     gpu = torch.cuda.get_device_name(0) if str(device).startswith("cuda") and torch.cuda.is_available() else None
-    git = git_state(paths=("moe_lib",))  # a run of the library: edited notebooks do not make it dirty
+    if git is None:  # a run of the library: edited notebooks do not make it dirty
+        git = git_state(paths=("moe_lib",))
     return {
         "command": command, "scale": scale, "parameters": dict(parameters), "seeds": [int(s) for s in seeds],
         "git_commit": git["git_commit"], "git_dirty": git["git_dirty"],
@@ -235,6 +237,9 @@ def run(key: str, overrides: Mapping[str, Any] | None = None, *, out: str | Path
         raise ValueError(f"{key} has no parameter {unknown}; its parameters are {sorted(parameters)}")
     parameters.update(overrides or {})
     seeds = list(range(parameters["seed"], parameters["seed"] + parameters["seeds"]))
+    from .reproducibility import git_state
+
+    git = git_state(paths=("moe_lib",))  # the code that runs: taken before it runs
     start = time.perf_counter()
     measured = exp.run(**parameters)
     wall = time.perf_counter() - start
@@ -242,7 +247,7 @@ def run(key: str, overrides: Mapping[str, Any] | None = None, *, out: str | Path
         "schema": SCHEMA, "experiment": key, "chapter": exp.chapter, "title": exp.title,
         "x_label": exp.x_label, "y_label": exp.y_label,
         "provenance": provenance(command or f"python -m moe_lib.full_scale {key}", parameters, seeds, wall,
-                                 parameters.get("device", "cpu"), "quick" if quick else "full"),
+                                 parameters.get("device", "cpu"), "quick" if quick else "full", git),
         "curves": measured["curves"], "finals": measured["finals"], "extra": measured.get("extra", {}),
     }
     validate(result)

@@ -126,7 +126,7 @@ class MoELayer(nn.Module):
         self.num_experts = check_int("num_experts", num_experts, minimum=1)
         router = check_choice("router", router, ROUTERS)
         expert = check_choice("expert", expert, EXPERTS)
-        self.backend = check_choice("backend", backend, BACKENDS)
+        self._backend = check_choice("backend", backend, BACKENDS)
         router_cls = ROUTERS[router]
         if top_k is None:
             top_k = router_cls.default_top_k(self.num_experts)
@@ -176,7 +176,31 @@ class MoELayer(nn.Module):
         expert_kwargs = {"activation": activation} if activation is not None else {}
         self.experts = EXPERTS[expert](self.num_experts, self.d_model, self.d_ff, d_out, **expert_kwargs)
         self.d_out = self.experts.d_out
+        self._check_backend()
         self.last_info: MoEInfo | None = None
+
+    @property
+    def backend(self) -> str:
+        """How the experts run (:data:`moe_lib.backends.BACKENDS`); assigning a name checks it at once."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        value = check_choice("backend", value, BACKENDS)
+        if "experts" in self._modules:
+            self._check_backend(value)
+        self._backend = value  # only once accepted: a refused assignment leaves the layer as it was
+
+    def _check_backend(self, backend: str | None = None) -> None:
+        """The expert bank can run on ``backend`` (default: the layer's); a bank lists the backends it
+        implements."""
+        backend = self._backend if backend is None else backend
+        supported = getattr(self.experts, "backends", None)
+        if supported is not None and backend not in supported:
+            raise ValueError(
+                f"backend={backend!r} cannot run {type(self.experts).__name__} (expert="
+                f"{self.experts.kind!r}); it runs on backend in {list(supported)}"
+            )
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave ``last_info`` out: it holds the last pass's autograd graph, which
@@ -204,11 +228,16 @@ class MoELayer(nn.Module):
             ``y`` of shape ``[..., d_out]``, or ``(y, info)`` when ``return_info`` is true.
 
         Raises:
-            TypeError: ``x`` or ``token_ids`` is not a tensor, or ``token_ids`` is not integer.
+            TypeError: ``x`` is not a floating-point tensor, ``token_ids`` is not an integer tensor.
             ValueError: the last dimension of ``x`` is not ``d_model``, or ``token_ids`` has the wrong shape.
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor of shape [..., d_model={self.d_model}], got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"x must be a floating-point tensor of features [..., d_model={self.d_model}], got dtype "
+                f"{x.dtype}; token ids go through an embedding first (hash routing takes them as token_ids=)"
+            )
         if x.dim() == 0 or x.shape[-1] != self.d_model:
             raise ValueError(
                 f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}"
@@ -220,9 +249,10 @@ class MoELayer(nn.Module):
             if token_ids.shape != leading:
                 raise ValueError(f"token_ids must have shape x.shape[:-1] = {tuple(leading)}, got {tuple(token_ids.shape)}")
             token_ids = token_ids.reshape(-1)
+        self._check_backend()  # the expert bank may have been replaced since the backend was chosen
         tokens = x.reshape(-1, self.d_model)
         routing = self.router(tokens, token_ids=token_ids)
-        backend = BACKENDS[self.backend]
+        backend = BACKENDS[self._backend]
         if routing.is_soft:
             # Soft MoE (Puigcerver et al. 2024, eq. 1-3): slots are convex mixtures of the tokens, each
             # expert runs on its p slots, each token's output is a convex mixture of the slot outputs.

@@ -90,3 +90,32 @@ def test_defaults_for_top_k():
     assert MoELayer(8, 16, 4, router="dense").top_k == 4
     assert MoELayer(8, 16, 4).top_k == 2
     assert MoELayer(8, 16, 1).top_k == 1
+
+
+# ------------------------------------------------------------------ rough edges a user hits (issue 16)
+def test_backend_assignment_is_checked_at_once():
+    layer = MoELayer(8, 16, 4)
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda'; accepted values: 'grouped_mm', 'loop', 'torch', 'triton'"):
+        layer.backend = "cuda"
+    assert layer.backend == "torch"  # unchanged by the refused assignment
+    layer.backend = "loop"
+    assert layer.backend == "loop" and "backend='loop'" in repr(layer)
+
+
+def test_integer_input_is_refused_naming_x():
+    layer = MoELayer(8, 16, 4)
+    with pytest.raises(TypeError, match=r"x must be a floating-point tensor .*got dtype torch.int64"):
+        layer(torch.randint(0, 5, (3, 8)))
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
+def test_expert_dropout_on_a_backend_it_cannot_use_is_named(backend):
+    from moe_lib.practice import add_expert_dropout
+
+    layer = MoELayer(8, 16, 4, backend=backend)
+    add_expert_dropout(layer, 0.1)
+    with pytest.raises(ValueError, match=rf"backend='{backend}' cannot run DropoutExperts \(expert='swiglu'\); "
+                                         r"it runs on backend in \['loop', 'torch'\]"):
+        layer(torch.randn(3, 8))
+    layer.backend = "torch"
+    assert layer(torch.randn(3, 8)).shape == (3, 8)

@@ -312,7 +312,16 @@ def test_layer_backends_match_loop(options, backend):
 
 
 def test_triton_backend_rejects_ungated_experts():
-    layer = MoELayer(16, 32, 4, top_k=2, expert="mlp", backend="triton")
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run MLPExperts \(expert='mlp'\); it runs on "
+                                         r"backend in \['loop', 'torch', 'grouped_mm'\]"):
+        MoELayer(16, 32, 4, top_k=2, expert="mlp", backend="triton")
+    layer = MoELayer(16, 32, 4, top_k=2, expert="mlp")
+    with pytest.raises(ValueError, match="backend='triton' cannot run MLPExperts"):
+        layer.backend = "triton"  # refused when assigned, not at the next forward
+    assert layer.backend == "torch"
+    # the backend function itself still refuses a bank it cannot run (direct use, without a layer)
+    layer.experts.backends = ("loop", "torch", "grouped_mm", "triton")
+    layer.backend = "triton"
     with pytest.raises(ValueError, match="backend='triton' supports expert kinds"):
         layer(torch.randn(5, 16))
 

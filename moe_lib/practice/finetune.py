@@ -82,6 +82,8 @@ class DropoutExperts(ExpertBank):
     output is exactly the wrapped bank's.
     """
 
+    backends = ("loop", "torch")  # dropout inside the grouped and fused paths is not implemented
+
     def __init__(self, bank: ExpertBank, p: float):
         kind = getattr(bank, "kind", None)
         if kind not in ("swiglu", "glu", "mlp"):
