@@ -145,14 +145,29 @@ def load(path: str | Path) -> dict:
         raise ValueError(f"{path}: {e}") from None
 
 
-def files(folder: str | Path = DEFAULT_FOLDER, experiment: str | None = None) -> list[Path]:
-    """The results files in ``folder`` (of one ``experiment`` key, e.g. ``"ch08"``), oldest first."""
+def _folder(folder: str | Path | None) -> Path:
+    """``folder``, or the book's committed ``full_scale/`` (found from any working directory)."""
+    if folder is not None:
+        return Path(folder)
+    from .utils import book_root
+
+    try:
+        return book_root() / DEFAULT_FOLDER
+    except (FileNotFoundError, RuntimeError):  # outside a checkout of the book: the working directory
+        return Path(DEFAULT_FOLDER)
+
+
+def files(folder: str | Path | None = None, experiment: str | None = None) -> list[Path]:
+    """The results files in ``folder`` (default: the book's ``full_scale/``) of one ``experiment`` key
+    (e.g. ``"ch08"``; all when None), oldest first."""
     pattern = f"{experiment}_*.json" if experiment else "*.json"
-    return sorted(Path(folder).glob(pattern))
+    return sorted(_folder(folder).glob(pattern))
 
 
-def latest(experiment: str, folder: str | Path = DEFAULT_FOLDER) -> dict:
-    """The newest results file of ``experiment`` (by its recorded date); FileNotFoundError if none."""
+def latest(experiment: str, folder: str | Path | None = None) -> dict:
+    """The newest results file of ``experiment`` (by its recorded date) in ``folder`` (default: the book's
+    ``full_scale/``); FileNotFoundError saying how to make one if there is none."""
+    folder = _folder(folder)
     found = [load(p) for p in files(folder, experiment)]
     if not found:
         raise FileNotFoundError(f"no full-scale results of {experiment!r} in {Path(folder).resolve()} "
@@ -180,6 +195,32 @@ def curves(result: Mapping) -> dict[str, tuple[list[float], list[list[float]]]]:
         if list(curve["x"]) != x:
             raise ValueError(f"the seeds of {curve['model']!r} were measured at different x")
         ys.append(list(curve["y"]))
+    return out
+
+
+def first_below(result: Mapping, reference: str) -> dict[str, list[float]]:
+    """For every model but ``reference`` and every seed (in seed order): the first ``x`` from which the
+    model's ``y`` is below the ``reference``'s ``y`` of the same seed at every later point too (a lasting
+    crossing: for a loss, the model has overtaken the reference), or ``nan`` if it never has by the end.
+    Both must be measured at the same ``x``."""
+    all_curves = curves(result)
+    if reference not in all_curves:
+        raise ValueError(f"reference must be one of {sorted(all_curves)}, got {reference!r}")
+    ref_x, ref_ys = all_curves[reference]
+    out: dict[str, list[float]] = {}
+    for name, (x, ys) in all_curves.items():
+        if name == reference:
+            continue
+        if x != ref_x or len(ys) != len(ref_ys):
+            raise ValueError(f"{name!r} and {reference!r} were not measured at the same x and seeds")
+        found = []
+        for y, ref_y in zip(ys, ref_ys):
+            below = [a < b for a, b in zip(y, ref_y)]
+            start = len(below)
+            while start > 0 and below[start - 1]:
+                start -= 1
+            found.append(float(x[start]) if start < len(below) else float("nan"))
+        out[name] = found
     return out
 
 
@@ -222,10 +263,10 @@ def _coerce(name: str, text: str, default: Any) -> Any:
         raise ValueError(f"--set {name}={text!r}: expected a value like {default!r}") from None
 
 
-def run(key: str, overrides: Mapping[str, Any] | None = None, *, out: str | Path = DEFAULT_FOLDER,
+def run(key: str, overrides: Mapping[str, Any] | None = None, *, out: str | Path | None = None,
         command: str | None = None, quick: bool = False) -> Path:
     """Run experiment ``key`` with its full-scale defaults (or its quick size) updated by ``overrides``,
-    write the results file into ``out`` and return its path."""
+    write the results file into ``out`` (default: the book's ``full_scale/``) and return its path."""
     if key not in EXPERIMENTS:
         raise ValueError(f"experiment must be one of {sorted(EXPERIMENTS)}, got {key!r}")
     exp = EXPERIMENTS[key]
@@ -251,7 +292,7 @@ def run(key: str, overrides: Mapping[str, Any] | None = None, *, out: str | Path
         "curves": measured["curves"], "finals": measured["finals"], "extra": measured.get("extra", {}),
     }
     validate(result)
-    folder = Path(out)
+    folder = _folder(out)
     folder.mkdir(parents=True, exist_ok=True)
     stamp = result["provenance"]["date"][:19].replace(":", "").replace("-", "")
     path = folder / f"{key}_{stamp}.json"
@@ -270,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("experiment", nargs="?", help="an experiment key (--list shows them)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="override one parameter (repeatable)")
-    parser.add_argument("--out", default=DEFAULT_FOLDER, help=f"folder of the results files ({DEFAULT_FOLDER})")
+    parser.add_argument("--out", default=None, help=f"folder of the results files (the book's {DEFAULT_FOLDER}/)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the book's profile)")
     parser.add_argument("--quick", action="store_true", help="the chapter's live size (a smoke run)")
     parser.add_argument("--list", action="store_true", help="list the experiments and their parameters")
