@@ -10,10 +10,10 @@ from torch import Tensor, nn
 from ._validate import check_choice, check_int, check_nonnegative_float, check_positive_float
 from .backends import BACKENDS
 from .dispatch import DispatchPlan, make_plan, slot_plan
-from .experts import ACTIVATIONS, EXPERTS
+from .experts import ACTIVATIONS, EXPERTS, ExpertBank
 from .losses import auxiliary_losses
 from .metrics import routing_stats
-from .routers import ROUTERS, Routing
+from .routers import ROUTERS, Router, Routing
 
 
 @dataclass
@@ -56,8 +56,13 @@ class MoELayer(nn.Module):
             ``"switch"`` (Fedus et al. 2022), ``"gshard"`` (Lepikhin et al. 2021), ``"expert_choice"`` (Zhou
             et al. 2022), ``"hash"`` (Roller et al. 2021), ``"base"`` (Lewis et al. 2021), ``"soft"``
             (Puigcerver et al. 2024) or ``"auxfree"`` (Wang et al. 2024); see
-            :mod:`moe_lib.routers`.
-        expert: ``"linear"``, ``"mlp"`` or ``"swiglu"``; see :data:`moe_lib.experts.EXPERTS`.
+            :mod:`moe_lib.routers`. Or a ready-made :class:`~moe_lib.routers.Router` (its ``d_model`` and
+            ``num_experts`` must be the layer's; ``top_k`` and a capacity it owns come from it, and the
+            options that configure a router — ``normalize_weights``, ``router_bias``, ``router_dtype``,
+            ``router_options`` — are refused: set them on the router).
+        expert: ``"linear"``, ``"mlp"`` or ``"swiglu"``; see :data:`moe_lib.experts.EXPERTS`. Or a
+            ready-made :class:`~moe_lib.experts.ExpertBank` of the layer's sizes (``activation`` refused),
+            e.g. experts upcycled from a dense FFN or merged from other layers.
         backend: ``"loop"`` (reference), ``"torch"`` (padded batched matmul), ``"grouped_mm"``
             (``torch._grouped_mm``, no padding) or ``"triton"`` (the fused kernels of :mod:`moe_lib.kernels`,
             gated experts only); see :mod:`moe_lib.backends`.
@@ -124,10 +129,25 @@ class MoELayer(nn.Module):
         self.d_model = check_int("d_model", d_model, minimum=1)
         self.d_ff = check_int("d_ff", d_ff, minimum=1)
         self.num_experts = check_int("num_experts", num_experts, minimum=1)
-        router = check_choice("router", router, ROUTERS)
-        expert = check_choice("expert", expert, EXPERTS)
+        ready_router = router if isinstance(router, Router) else None
+        ready_experts = expert if isinstance(expert, ExpertBank) else None
+        if ready_router is not None:
+            self._check_ready_router(ready_router, top_k, capacity_factor, normalize_weights=normalize_weights,
+                                     router_bias=router_bias, router_dtype=router_dtype,
+                                     router_options=router_options)
+            router, router_cls = ready_router.name, type(ready_router)
+            top_k = ready_router.top_k
+            if ready_router.owns_capacity:
+                capacity_factor = getattr(ready_router, "capacity_factor", None)
+        else:
+            router = check_choice("router", router, ROUTERS)
+            router_cls = ROUTERS[router]
+        if ready_experts is not None:
+            self._check_ready_experts(ready_experts, d_out, activation)
+            expert = ready_experts.kind
+        else:
+            expert = check_choice("expert", expert, EXPERTS)
         self._backend = check_choice("backend", backend, BACKENDS)
-        router_cls = ROUTERS[router]
         if top_k is None:
             top_k = router_cls.default_top_k(self.num_experts)
         self.top_k = check_int("top_k", top_k, minimum=1, maximum=self.num_experts)
@@ -141,8 +161,8 @@ class MoELayer(nn.Module):
                 f"load_loss_coef > 0 needs router='noisy_topk' (Shazeer's smooth load is defined by the "
                 f"router noise), got router={router!r}; use aux_loss_coef for other routers"
             )
-        expert_accepts = inspect.signature(EXPERTS[expert].__init__).parameters
-        if activation is not None:
+        expert_accepts = {} if ready_experts is not None else inspect.signature(EXPERTS[expert].__init__).parameters
+        if activation is not None and ready_experts is None:
             check_choice("activation", activation, ACTIVATIONS)
             if "activation" not in expert_accepts:
                 takes = sorted(k for k, c in EXPERTS.items() if "activation" in inspect.signature(c.__init__).parameters)
@@ -154,7 +174,7 @@ class MoELayer(nn.Module):
 
         accepted = inspect.signature(router_cls.__init__).parameters
         router_kwargs = {"bias": router_bias, "router_dtype": router_dtype}
-        if normalize_weights is not None:  # an option the router would ignore is an error, never dropped
+        if normalize_weights is not None and ready_router is None:  # an option the router would ignore is an error, never dropped
             if "normalize" not in accepted:
                 takes = sorted(k for k, c in ROUTERS.items() if "normalize" in inspect.signature(c.__init__).parameters)
                 raise ValueError(
@@ -167,17 +187,57 @@ class MoELayer(nn.Module):
             )
         if "capacity_factor" in accepted:
             router_kwargs["capacity_factor"] = self.capacity_factor
-        for key in router_options or {}:
+        for key in (router_options or {}) if ready_router is None else ():
             if key not in accepted or key in ("self", "d_model", "num_experts", "top_k"):
                 options = sorted(k for k in accepted if k not in ("self", "d_model", "num_experts", "top_k"))
                 raise ValueError(f"router_options key {key!r} is not accepted by router={router!r}; accepted: {options}")
         router_kwargs.update(router_options or {})
-        self.router = router_cls(self.d_model, self.num_experts, self.top_k, **router_kwargs)
-        expert_kwargs = {"activation": activation} if activation is not None else {}
-        self.experts = EXPERTS[expert](self.num_experts, self.d_model, self.d_ff, d_out, **expert_kwargs)
+        if ready_router is not None:
+            self.router = ready_router
+        else:
+            self.router = router_cls(self.d_model, self.num_experts, self.top_k, **router_kwargs)
+        if ready_experts is not None:
+            self.experts = ready_experts
+        else:
+            expert_kwargs = {"activation": activation} if activation is not None else {}
+            self.experts = EXPERTS[expert](self.num_experts, self.d_model, self.d_ff, d_out, **expert_kwargs)
         self.d_out = self.experts.d_out
         self._check_backend()
         self.last_info: MoEInfo | None = None
+
+    def _check_ready_router(self, router, top_k, capacity_factor, **configuring) -> None:
+        """A ready-made router must fit the layer, and options that would configure a router built by name
+        are refused rather than silently ignored."""
+        for name, value in (("d_model", self.d_model), ("num_experts", self.num_experts)):
+            if getattr(router, name) != value:
+                raise ValueError(f"router has {name}={getattr(router, name)}, the layer {name}={value}")
+        if top_k is not None and top_k != router.top_k:
+            raise ValueError(f"top_k={top_k} differs from the ready-made router's top_k={router.top_k}; "
+                             "leave top_k None")
+        defaults = {"normalize_weights": None, "router_bias": False, "router_dtype": "float32",
+                    "router_options": None}
+        for name, value in configuring.items():
+            if value != defaults[name]:
+                raise ValueError(f"{name}={value!r} configures a router built by name; router= is a ready-made "
+                                 f"{type(router).__name__}: set it there")
+        if router.owns_capacity and capacity_factor is not None and \
+                capacity_factor != getattr(router, "capacity_factor", None):
+            raise ValueError(f"capacity_factor={capacity_factor!r}: the ready-made {type(router).__name__} "
+                             f"enforces its own (capacity_factor={getattr(router, 'capacity_factor', None)!r})")
+
+    def _check_ready_experts(self, experts, d_out, activation) -> None:
+        """A ready-made expert bank must fit the layer; ``activation`` would configure one built by name."""
+        sizes = [("num_experts", self.num_experts), ("d_model", self.d_model)]
+        if experts.kind != "linear":  # linear experts have no hidden layer
+            sizes.append(("d_ff", self.d_ff))
+        if d_out is not None:
+            sizes.append(("d_out", d_out))
+        for name, value in sizes:
+            if getattr(experts, name) != value:
+                raise ValueError(f"expert bank has {name}={getattr(experts, name)}, the layer {name}={value}")
+        if activation is not None:
+            raise ValueError(f"activation={activation!r} configures experts built by name; expert= is a "
+                             f"ready-made {type(experts).__name__}: set it there")
 
     @property
     def backend(self) -> str:

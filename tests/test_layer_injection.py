@@ -1,0 +1,85 @@
+"""A ready-made router or expert bank plugged into MoELayer (issue 16): the layer uses the very objects it is
+given, computes what a layer built by name with the same weights computes, and refuses — naming the
+argument — a part of the wrong size or an option that would configure a part it did not build."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_lib import MoELayer
+from moe_lib.experts import EXPERTS
+from moe_lib.practice import DropoutExperts
+from moe_lib.routers import ROUTERS
+
+
+@pytest.mark.parametrize("router, expert", [("switch", "mlp"), ("topk", "swiglu"), ("expert_choice", "glu"),
+                                            ("soft", "linear"), ("noisy_topk", "swiglu")])
+def test_ready_parts_compute_what_the_named_layer_computes(router, expert):
+    torch.manual_seed(0)
+    named = MoELayer(8, 16, 4, router=router, expert=expert, load_loss_coef=0.1 if router == "noisy_topk" else 0.0)
+    ready = MoELayer(8, 16, 4, router=named.router, expert=named.experts,
+                     load_loss_coef=0.1 if router == "noisy_topk" else 0.0)
+    assert ready.router is named.router and ready.experts is named.experts
+    assert ready.top_k == named.top_k and ready.capacity_factor == named.capacity_factor
+    x = torch.randn(2, 6, 8)
+    torch.manual_seed(1)
+    y_named, info_named = named(x, return_info=True)
+    torch.manual_seed(1)
+    y_ready, info_ready = ready(x, return_info=True)
+    torch.testing.assert_close(y_ready, y_named, rtol=0, atol=0)
+    torch.testing.assert_close(info_ready.aux_loss, info_named.aux_loss, rtol=0, atol=0)
+    assert repr(ready) == repr(named)
+
+
+def test_a_capacity_owned_by_the_router_comes_from_it():
+    router = ROUTERS["expert_choice"](8, 4, 2, capacity_factor=0.5)
+    layer = MoELayer(8, 16, 4, router=router)
+    assert layer.capacity_factor == 0.5
+    assert MoELayer(8, 16, 4, router=router, capacity_factor=0.5).capacity_factor == 0.5
+    with pytest.raises(ValueError, match=r"capacity_factor=2\.0: the ready-made ExpertChoiceRouter enforces its "
+                                         r"own \(capacity_factor=0\.5\)"):
+        MoELayer(8, 16, 4, router=router, capacity_factor=2.0)
+    with pytest.raises(ValueError, match="capacity_factor has no effect on router='soft'"):
+        MoELayer(8, 16, 4, router=ROUTERS["soft"](8, 4, 4), capacity_factor=1.0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(normalize_weights=True), r"normalize_weights=True configures a router built by name; router= is a "
+                                   r"ready-made TopKRouter: set it there"),
+    (dict(router_bias=True), r"router_bias=True configures a router"),
+    (dict(router_dtype="bfloat16"), r"router_dtype='bfloat16' configures a router"),
+    (dict(router_options={"x": 1}), r"router_options=\{'x': 1\} configures a router"),
+    (dict(top_k=1), r"top_k=1 differs from the ready-made router's top_k=2; leave top_k None"),
+])
+def test_options_that_configure_a_router_are_refused_with_a_ready_one(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MoELayer(8, 16, 4, router=ROUTERS["topk"](8, 4, 2), **kwargs)
+
+
+def test_parts_of_the_wrong_size_are_refused_by_name():
+    with pytest.raises(ValueError, match="router has d_model=6, the layer d_model=8"):
+        MoELayer(8, 16, 4, router=ROUTERS["topk"](6, 4, 2))
+    with pytest.raises(ValueError, match="router has num_experts=5, the layer num_experts=4"):
+        MoELayer(8, 16, 4, router=ROUTERS["topk"](8, 5, 2))
+    with pytest.raises(ValueError, match="expert bank has num_experts=3, the layer num_experts=4"):
+        MoELayer(8, 16, 4, expert=EXPERTS["mlp"](3, 8, 16))
+    with pytest.raises(ValueError, match="expert bank has d_model=6, the layer d_model=8"):
+        MoELayer(8, 16, 4, expert=EXPERTS["mlp"](4, 6, 16))
+    with pytest.raises(ValueError, match="expert bank has d_ff=32, the layer d_ff=16"):
+        MoELayer(8, 16, 4, expert=EXPERTS["swiglu"](4, 8, 32))
+    with pytest.raises(ValueError, match="expert bank has d_out=8, the layer d_out=5"):
+        MoELayer(8, 16, 4, expert=EXPERTS["swiglu"](4, 8, 16), d_out=5)
+    with pytest.raises(ValueError, match="activation='relu' configures experts built by name"):
+        MoELayer(8, 16, 4, expert=EXPERTS["mlp"](4, 8, 16), activation="relu")
+    # linear experts have no hidden width: d_ff is not compared
+    assert MoELayer(8, 99, 4, expert=EXPERTS["linear"](4, 8, 16)).experts.kind == "linear"
+    with pytest.raises(ValueError, match="unknown router 'nope'"):
+        MoELayer(8, 16, 4, router="nope")
+
+
+def test_a_ready_bank_the_backend_cannot_run_is_refused_at_construction():
+    bank = DropoutExperts(EXPERTS["swiglu"](4, 8, 16), 0.1)
+    with pytest.raises(ValueError, match=r"backend='grouped_mm' cannot run DropoutExperts"):
+        MoELayer(8, 16, 4, expert=bank, backend="grouped_mm")
+    layer = MoELayer(8, 16, 4, expert=bank, backend="loop")
+    assert layer.experts is bank and layer.d_out == 8
