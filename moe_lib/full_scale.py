@@ -199,10 +199,11 @@ def curves(result: Mapping) -> dict[str, tuple[list[float], list[list[float]]]]:
 
 
 def first_below(result: Mapping, reference: str) -> dict[str, list[float]]:
-    """For every model but ``reference`` and every seed (in seed order): the first ``x`` from which the
-    model's ``y`` is below the ``reference``'s ``y`` of the same seed at every later point too (a lasting
-    crossing: for a loss, the model has overtaken the reference), or ``nan`` if it never has by the end.
-    Both must be measured at the same ``x``."""
+    """For every model but ``reference`` and every seed (in seed order): the first ``x`` (the model's own)
+    from which the model's ``y`` is below the ``reference``'s ``y`` of the same seed at every later
+    measurement too (a lasting crossing: for a loss, the model has overtaken the reference), or ``nan`` if
+    it never has by the end. Points are paired by their index (e.g. the same training step; the models'
+    FLOPs at that step may differ slightly), so both need the same number of points and seeds."""
     all_curves = curves(result)
     if reference not in all_curves:
         raise ValueError(f"reference must be one of {sorted(all_curves)}, got {reference!r}")
@@ -211,8 +212,8 @@ def first_below(result: Mapping, reference: str) -> dict[str, list[float]]:
     for name, (x, ys) in all_curves.items():
         if name == reference:
             continue
-        if x != ref_x or len(ys) != len(ref_ys):
-            raise ValueError(f"{name!r} and {reference!r} were not measured at the same x and seeds")
+        if len(x) != len(ref_x) or len(ys) != len(ref_ys):
+            raise ValueError(f"{name!r} and {reference!r} were not measured at as many points and seeds")
         found = []
         for y, ref_y in zip(ys, ref_ys):
             below = [a < b for a, b in zip(y, ref_y)]

@@ -138,6 +138,15 @@ def test_first_below_is_a_lasting_crossing_per_seed():
     assert set(got) == {"moe", "slow"}
     with pytest.raises(ValueError, match="reference must be one of \\['dense', 'moe', 'slow'\\]"):
         fs.first_below(result, "switch")
+    # points pair by index (the same step), and the model's own x is reported (its FLOPs may differ)
+    for curve in result["curves"]:
+        if curve["model"] == "moe":
+            curve["x"] = [10 * v for v in curve["x"]]
+    assert fs.first_below(result, "dense")["moe"] == [40.0, 10.0]
+    result["curves"] = [c if c["model"] != "slow" else {**c, "x": c["x"][:3], "y": c["y"][:3]}
+                        for c in result["curves"]]
+    with pytest.raises(ValueError, match="'slow' and 'dense' were not measured at as many points"):
+        fs.first_below(result, "dense")
 
 
 def test_curves_refuse_seeds_measured_at_different_x():
