@@ -87,7 +87,10 @@ def device_moves(source: str) -> list[str]:
 
 
 def _code_cells(path: Path) -> list:
-    return [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    """The chapter's code cells, without the data-path banner (a ``remove-input`` cell drawing
+    ``data_path_figure`` at the top of the page: it reads no parameter and touches no device)."""
+    return [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code" and not (
+        "data_path_figure(" in c.source and "remove-input" in c.metadata.get("tags", []))]
 
 
 def _ids(paths):
