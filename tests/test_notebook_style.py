@@ -1,7 +1,8 @@
 """How a chapter reads (issue 19): the conventions every notebook in the table of contents follows, checked
 on the committed files (the browser test checks the same pages as rendered).
 
-* **Code fits the column.** No line of a code cell is longer than 88 characters: ``_static/book.css``
+* **Code fits the column.** No line of a code cell or of a code block in the prose is longer than 88
+  characters: ``_static/book.css``
   makes a 1280-px-wide window show about 90 characters in a code block.
 * **Figures are numbered and captioned.** A code cell that shows a figure carries the cell metadata
   ``mystnb.figure`` with a ``caption`` and a ``name`` (``fig-NN-...``, NN the chapter, unique in the book);
@@ -59,12 +60,17 @@ def _ids(paths):
     return [p.stem for p in paths]
 
 
+FENCED = re.compile(r"^```[^\n]*\n(.*?)^```", re.M | re.S)
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
 def test_code_lines_fit_the_column(path):
+    """Code cells, and code blocks in the prose (the exercises' solutions), fit the column."""
     long = []
     for i, cell in enumerate(_read(path).cells):
-        if cell.cell_type == "code":
-            long += [(i, len(line), line[:60]) for line in cell.source.splitlines() if len(line) > MAX_LINE]
+        blocks = [cell.source] if cell.cell_type == "code" else FENCED.findall(cell.source)
+        for block in blocks:
+            long += [(i, len(line), line[:60]) for line in block.splitlines() if len(line) > MAX_LINE]
     assert not long, f"{len(long)} code lines longer than {MAX_LINE} characters (cell, length, start): {long[:10]}"
 
 
