@@ -159,3 +159,20 @@ def test_curves_refuse_seeds_measured_at_different_x():
 def test_default_folder_is_the_books_full_scale_folder():
     assert fs._folder(None) == ROOT / fs.DEFAULT_FOLDER
     assert fs.files() == COMMITTED
+
+
+def test_lm_speedups_match_the_chapters_step_basis_speedup():
+    from moe_lib.models.comparison import SeedRun, speedups
+    from moe_lib.models.training import LMHistory
+
+    result = _synthetic({"dense": [[3.0, 2.0, 1.5, 1.4], [3.0, 2.5, 2.0, 1.8]],
+                         "moe": [[2.9, 1.8, 1.4, 1.2], [3.1, 2.9, 2.6, 2.4]]})
+    result["extra"]["eval_steps"] = [100, 200, 300, 400]
+    got = fs.lm_speedups(result, "dense")
+    # seed 0: dense reaches 1.4 at step 400; the MoE passes it between 200 (1.8) and 300 (1.4): step 300
+    assert got["moe"][0] == pytest.approx(400 / 300) and got["dense"] == [1.0, 1.0]
+    assert math.isnan(got["moe"][1])  # never reaches 1.8
+    runs = {name: [SeedRun(name, s, LMHistory(eval_step=[100, 200, 300, 400], val_loss=y), y[-1], 0.0)
+                   for s, y in enumerate(ys)] for name, (_, ys) in fs.curves(result).items()}
+    expected = speedups(runs, "dense")
+    assert got["moe"][0] == expected["moe"][0] and math.isnan(expected["moe"][1])
