@@ -12,7 +12,6 @@ per-case values (``"none"``).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
@@ -89,8 +88,3 @@ def posterior(gate_probs: Tensor, expert_out: Tensor, target: Tensor) -> Tensor:
     (``∂E/∂logit_i = p_i − h_i`` for a softmax gate).
     """
     return torch.softmax(expert_log_likelihoods(gate_probs, expert_out, target), dim=-1)
-
-
-def gaussian_constant(dim: int) -> float:
-    """``(D/2) log 2π``: add it to :func:`competitive_loss` for the exact negative log-likelihood."""
-    return 0.5 * dim * math.log(2 * math.pi)
