@@ -12,7 +12,6 @@ per-case values (``"none"``).
 """
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
