@@ -9,7 +9,8 @@ without a way to check it fails :func:`test_every_documented_command_is_checked`
   ``constraints``, ``mutation``, ``pdf``, ``dist``), run as ``make -n`` — the target exists and its recipe expands with the variables shown
   (``make book`` and ``make test`` themselves are what CI runs).
 * ``python -m ...``: run; ``python -m moe_lib.bench`` on a CPU must refuse the production shapes with its
-  message, ``--smoke`` is covered by ``tests/test_bench.py``.
+  message, ``--smoke`` is covered by ``tests/test_bench.py``; ``python -m moe_lib.full_scale chNN`` runs
+  with ``--quick --out <a temporary folder>`` (a real run takes up to an hour and writes a committed file).
 * ``papermill notebooks/01... -p quick False -p device cuda``: run as typed; without CUDA it must stop in
   the chapter's setup cell, saying why, in seconds.
 * ``pip install``: ``--dry-run`` (resolved against the index this machine installs from, nothing changed).
@@ -104,8 +105,15 @@ def check_papermill(words: list[str], tmp_path: Path) -> str:
     return "ran"
 
 
-def check_python_module(words: list[str]) -> str:
+def check_python_module(words: list[str], tmp_path: Path) -> str:
     module = words[words.index("-m") + 1]
+    if module == "moe_lib.full_scale" and "--list" not in words:
+        # A full-scale run takes up to an hour and writes into the committed full_scale/: here the same
+        # command runs the experiment at its quick size into a temporary folder, and must write one file.
+        proc = _run(_venv([*words, "--quick", "--out", str(tmp_path)]), timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert len(list(tmp_path.glob("*.json"))) == 1, list(tmp_path.iterdir())
+        return "ran at its quick size into a temporary folder"
     if module == "moe_lib.bench" and len(words) == 3 and not torch.cuda.is_available():
         proc = _run(_venv(words))
         assert proc.returncode == 2 and "on the CPU use --smoke" in proc.stderr, proc.stderr[-2000:]
@@ -143,7 +151,7 @@ def check_shell(line: str, tmp_path: Path) -> str:
         module = words[words.index("-m") + 1]
         if module == "pip":
             return check_pip(words)
-        return check_python_module(words)
+        return check_python_module(words, tmp_path)
     if head == "pip":
         return check_pip(words)
     if head == "jupyter" and words[1:2] == ["lab"]:
