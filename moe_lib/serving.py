@@ -70,15 +70,20 @@ def time_decode(layer: nn.Module, d_model: int, batch_sizes: Iterable[int], repe
 
     Returns ``[{"batch", "ms", "tokens_per_s"}]``; with ``spread=True`` also ``"ms_p25"`` and ``"ms_p75"``,
     the quartiles of the ``repeats`` times (their gap is the interquartile range: the timing noise).
-    Wall-clock: tag notebook cells that print it ``nbval-ignore-output``.
+    The tokens are drawn on the CPU (``generator``) and moved to the layer's device; on a GPU each call is
+    timed between device synchronisations. Wall-clock: tag notebook cells that print it
+    ``nbval-ignore-output``.
     """
     from .grouping import median_iqr, wall_times
 
     check_int("repeats", repeats, minimum=1)
+    param = next(layer.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     rows = []
     for b in batch_sizes:
-        x = torch.randn(check_int("batch size", b, minimum=1), d_model, generator=generator)
-        times = wall_times(lambda: layer(x), repeats=repeats, warmup=1)
+        x = torch.randn(check_int("batch size", b, minimum=1), d_model, generator=generator).to(device)
+        # on a GPU the clock starts and stops on a synchronised device (kernels run asynchronously)
+        times = wall_times(lambda: layer(x), repeats=repeats, warmup=1, device=device)
         median, q1, q3 = median_iqr(times)  # one definition: with an even count the median interpolates
         ms = 1e3 * median
         row = {"batch": b, "ms": ms, "tokens_per_s": b / (ms / 1e3)}

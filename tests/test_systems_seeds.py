@@ -77,11 +77,38 @@ def test_time_decode_median_of_an_even_number_of_repeats(monkeypatch):
     from moe_lib import MoELayer, grouping
     from moe_lib.serving import time_decode
 
-    monkeypatch.setattr(grouping, "wall_times", lambda fn, repeats, warmup: [0.002, 0.004][:repeats])
+    monkeypatch.setattr(grouping, "wall_times", lambda fn, repeats, warmup, device: [0.002, 0.004][:repeats])
     layer = MoELayer(d_model=8, d_ff=8, num_experts=4, top_k=1).eval()
     row = time_decode(layer, 8, [2], repeats=2, spread=True)[0]
     assert row["ms"] == pytest.approx(3.0) and row["tokens_per_s"] == pytest.approx(2 / 0.003)
     assert row["ms_p25"] == pytest.approx(2.5) and row["ms_p75"] == pytest.approx(3.5)
+
+
+def test_timers_synchronise_on_the_device_of_what_they_time(monkeypatch):
+    """time_decode and time_implementations hand the layer's (the input's) device to wall_times, which
+    synchronises CUDA around each call: without it a GPU time is the launch time of asynchronous kernels.
+    A layer on the meta device stands in for a GPU here; the tokens go to the layer's device."""
+    import torch
+
+    from moe_lib import MoELayer, grouping
+    from moe_lib.interop import random_block, time_implementations
+    from moe_lib.serving import time_decode
+
+    seen = []
+
+    def fake_wall_times(fn, repeats, warmup, device):
+        seen.append(torch.device(device))
+        return [0.001] * repeats
+
+    monkeypatch.setattr(grouping, "wall_times", fake_wall_times)
+    layer = MoELayer(d_model=8, d_ff=8, num_experts=4, top_k=1).to("meta")
+    time_decode(layer, 8, [2], repeats=2)
+    assert seen == [torch.device("meta")]
+    pytest.importorskip("transformers")
+    block = random_block("mixtral", seed=0)
+    x = torch.randn(1, 8, 32)
+    time_implementations(block, x, backends=(), hf_implementations=("eager",), repeats=2)
+    assert seen[1:] == [torch.device("cpu")] and len(seen) == 2
 
 
 def test_touched_and_cache_experiments_are_seeded():

@@ -485,8 +485,8 @@ def time_implementations(block: nn.Module, hidden_states: Tensor, backends=("loo
 
     last: list[float] = []                      # the samples of the latest timed() call
 
-    def timed(fn) -> float:
-        last[:] = wall_times(fn, repeats=repeats, warmup=1)
+    def timed(fn) -> float:  # on a GPU, timed between device synchronisations
+        last[:] = wall_times(fn, repeats=repeats, warmup=1, device=hidden_states.device)
         return 1e3 * statistics.median(last)
 
     def spread(row: dict) -> dict:
