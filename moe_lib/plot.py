@@ -639,20 +639,10 @@ def _dp_experts(ax, look, x, y, w, h, label, fontsize, frame):
     return rect
 
 
-def _data_path_full(ax, look):
-    y, h, fs = 2.0, 0.78, 9
-    xs = {"x": 0.45, "router": 1.7, "dispatch": 3.2, "experts": 4.8, "combine": 6.35, "y": 7.58}
-    ws = {"x": 0.75, "router": 1.2, "dispatch": 1.35, "experts": 1.05, "combine": 1.3, "y": 0.65}
-    _dp_box(ax, None, "normal", xs["x"], y, ws["x"], h, "tokens x\nT × d", fs)
-    _dp_box(ax, None, "normal", xs["y"], y, ws["y"], h, "y\nT × d", fs)
-    _dp_box(ax, "router", look("router"), xs["router"], y, ws["router"], h, "router\nscores, top-k", fs)
-    _dp_box(ax, "dispatch", look("dispatch"), xs["dispatch"], y, ws["dispatch"], h,
-            "dispatch\ngroup by expert", fs)
-    _dp_box(ax, "combine", look("combine"), xs["combine"], y, ws["combine"], h,
-            "combine\nΣ gate · output", fs)
-    frame = _dp_experts(ax, look, xs["experts"], y, ws["experts"], h, "experts\nE FFNs", fs, frame=0.16)
-    fx0 = frame.get_x()
-    fx1 = fx0 + frame.get_width()
+def _dp_row(ax, look, xs, ws, y, h, fs, labels, frame, gaps):
+    """What both variants draw: the boxes x, router, dispatch, combine and y, the stack of experts in its
+    frame, and the token-flow arrows between them (``gaps``: how far into the frame the arrows to and from
+    the experts reach). Returns the experts' frame."""
 
     def right(k):
         return xs[k] + ws[k] / 2
@@ -660,12 +650,33 @@ def _data_path_full(ax, look):
     def left(k):
         return xs[k] - ws[k] / 2
 
+    _dp_box(ax, None, "normal", xs["x"], y, ws["x"], h, labels["x"], fs)
+    _dp_box(ax, None, "normal", xs["y"], y, ws["y"], h, labels["y"], fs)
+    for part in ("router", "dispatch", "combine"):
+        _dp_box(ax, part, look(part), xs[part], y, ws[part], h, labels[part], fs)
+    rect = _dp_experts(ax, look, xs["experts"], y, ws["experts"], h, labels["experts"], fs, frame=frame)
+    fx0 = rect.get_x()
+    fx1 = fx0 + rect.get_width()
+    flow = look(None)
     for a, b in (("x", "router"), ("router", "dispatch")):
-        _dp_arrow(ax, (right(a), y), (left(b), y), look=look(None))
+        _dp_arrow(ax, (right(a), y), (left(b), y), look=flow)
+    _dp_arrow(ax, (right("dispatch"), y), (fx0 + gaps[0], y), look=flow)
+    _dp_arrow(ax, (fx1 - gaps[1], y), (left("combine"), y), look=flow)
+    _dp_arrow(ax, (right("combine"), y), (left("y"), y), look=flow)
+    return rect
+
+
+def _data_path_full(ax, look):
+    y, h, fs = 2.0, 0.78, 9
+    xs = {"x": 0.45, "router": 1.7, "dispatch": 3.2, "experts": 4.8, "combine": 6.35, "y": 7.58}
+    ws = {"x": 0.75, "router": 1.2, "dispatch": 1.35, "experts": 1.05, "combine": 1.3, "y": 0.65}
+    labels = {"x": "tokens x\nT × d", "y": "y\nT × d", "router": "router\nscores, top-k",
+              "dispatch": "dispatch\ngroup by expert", "combine": "combine\nΣ gate · output",
+              "experts": "experts\nE FFNs"}
+    frame = _dp_row(ax, look, xs, ws, y, h, fs, labels, frame=0.16, gaps=(0.12, 0.02))
+    fx0 = frame.get_x()
+    fx1 = fx0 + frame.get_width()
     par = look("parallel")
-    _dp_arrow(ax, (right("dispatch"), y), (fx0 + 0.12, y), look=look(None))
-    _dp_arrow(ax, (fx1 - 0.02, y), (left("combine"), y), look=look(None))
-    _dp_arrow(ax, (right("combine"), y), (left("y"), y), look=look(None))
     # The gates: from the router to combine, under the row.
     gy = 0.98
     gate = look("router") if look("router") != "off" or look("combine") == "off" else look("combine")
@@ -697,17 +708,8 @@ def _data_path_small(ax, look):
     y, h, fs = 0.62, 0.5, 8.5
     xs = {"x": 0.35, "router": 1.45, "dispatch": 2.85, "experts": 4.3, "combine": 5.7, "y": 6.7}
     ws = {"x": 0.55, "router": 0.95, "dispatch": 1.0, "experts": 0.9, "combine": 1.0, "y": 0.45}
-    _dp_box(ax, None, "normal", xs["x"], y, ws["x"], h, "x", fs)
-    _dp_box(ax, None, "normal", xs["y"], y, ws["y"], h, "y", fs)
-    for part in ("router", "dispatch", "combine"):
-        _dp_box(ax, part, look(part), xs[part], y, ws[part], h, part, fs)
-    frame = _dp_experts(ax, look, xs["experts"], y, ws["experts"], h, "experts", fs, frame=0.09)
-    fx0 = frame.get_x()
-    fx1 = fx0 + frame.get_width()
-    for a, b in (("x", "router"), ("router", "dispatch"), ("combine", "y")):
-        _dp_arrow(ax, (xs[a] + ws[a] / 2, y), (xs[b] - ws[b] / 2, y), look=look(None))
-    _dp_arrow(ax, (xs["dispatch"] + ws["dispatch"] / 2, y), (fx0 + 0.05, y), look=look(None))
-    _dp_arrow(ax, (fx1 - 0.01, y), (xs["combine"] - ws["combine"] / 2, y), look=look(None))
+    labels = {part: part for part in ("x", "y", "router", "dispatch", "combine", "experts")}
+    _dp_row(ax, look, xs, ws, y, h, fs, labels, frame=0.09, gaps=(0.05, 0.01))
     aux = look("aux_loss")
     _dp_arrow(ax, (xs["router"], y + h / 2), (xs["router"], 1.05), part="aux_loss", look=aux,
               lw=1.8 if aux == "on" else 1.0, ls="--")
