@@ -229,23 +229,16 @@ def lm_speedups(result: Mapping, reference: str = "dense") -> dict[str, list[flo
     """Chapter 8's step-basis speed-up (:func:`moe_lib.models.comparison.speedups`, Fedus et al. 2022,
     Figure 4 right) from a results file of ``ch08``: per seed, the steps ``reference`` needs to reach its own
     final validation loss divided by the steps each model needs to reach it (interpolated between
-    evaluations; ``nan`` where a model never does)."""
-    from .models.training import LMHistory, steps_to_reach
+    evaluations; ``nan`` where a model never does). The curves are handed to the chapter's own function."""
+    from .models.comparison import SeedRun, speedups
+    from .models.training import LMHistory
 
-    steps = result["extra"]["eval_steps"]
-    all_curves = curves(result)
-    if reference not in all_curves:
-        raise ValueError(f"reference must be one of {sorted(all_curves)}, got {reference!r}")
-    ref_ys = all_curves[reference][1]
-    out = {}
-    for name, (_, ys) in all_curves.items():
-        values = []
-        for y, ref_y in zip(ys, ref_ys):
-            base = LMHistory(eval_step=list(steps), val_loss=list(ref_y))
-            values.append(steps_to_reach(base, ref_y[-1]) /
-                          steps_to_reach(LMHistory(eval_step=list(steps), val_loss=list(y)), ref_y[-1]))
-        out[name] = values
-    return out
+    steps = list(result["extra"]["eval_steps"])
+    seeds = result["provenance"]["seeds"]
+    runs = {name: [SeedRun(name, seed, LMHistory(eval_step=steps, val_loss=list(y)), y[-1], 0.0)
+                   for seed, y in zip(seeds, ys)]
+            for name, (_, ys) in curves(result).items()}
+    return speedups(runs, reference)
 
 
 def label(result: Mapping) -> str:
