@@ -214,10 +214,9 @@ class MoELayer(nn.Module):
         if top_k is not None and top_k != router.top_k:
             raise ValueError(f"top_k={top_k} differs from the ready-made router's top_k={router.top_k}; "
                              "leave top_k None")
-        defaults = {"normalize_weights": None, "router_bias": False, "router_dtype": "float32",
-                    "router_options": None}
+        signature = inspect.signature(MoELayer.__init__).parameters  # the defaults: nothing to configure
         for name, value in configuring.items():
-            if value != defaults[name]:
+            if value != signature[name].default:
                 raise ValueError(f"{name}={value!r} configures a router built by name; router= is a ready-made "
                                  f"{type(router).__name__}: set it there")
         if router.owns_capacity and capacity_factor is not None and \
