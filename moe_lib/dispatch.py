@@ -19,14 +19,23 @@ Entries of the routing that are not assignments (``Routing.valid`` false: an exp
 chose, a GShard second expert that lost its coin flip) are neither requested nor kept nor dropped.
 Routers that enforce their own capacity (expert choice) are planned with ``capacity_factor=None``.
 Soft MoE has no assignments: :func:`slot_plan` is the plan of its ``E·p`` slots.
+
+The stage between router and experts is a :class:`Dispatcher`, one interface for every way of moving
+tokens to experts and back: :class:`TokenDispatcher` (token choice and expert choice on one process, with
+capacity and counted drops), :class:`SlotDispatcher` (Soft MoE's slots) and
+:class:`moe_lib.distributed.AllToAllDispatcher` (expert parallelism: it wraps a local one and moves the
+rows between ranks). :class:`~moe_lib.MoELayer` calls whichever it holds, so its forward is the only MoE
+forward; a new way of dispatching is a new class here, not a second copy of the layer.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ._validate import check_positive_float
 from .routers import Routing, expert_capacity  # noqa: F401  (expert_capacity: re-exported)
 
 
@@ -161,3 +170,83 @@ def combine(expert_out: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
     out = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
     weighted = expert_out * plan.weights.to(expert_out.dtype).unsqueeze(-1)
     return out.index_add(0, plan.token_index, weighted)
+
+
+#: A backend (:data:`moe_lib.backends.BACKENDS`): ``(experts, x [R, d], plan) -> y [R_out, d_out]``.
+Backend = Callable[[nn.Module, Tensor, DispatchPlan], Tensor]
+
+
+class Dispatcher(nn.Module):
+    """The stage between the router and the experts: dispatch the tokens for a routing, run the experts
+    on what was dispatched (through a backend), combine the outputs back into token order.
+
+    ``dispatcher(experts, tokens, routing, backend)`` returns ``(y [T, d_out], plan)``; the plan is the one
+    :class:`~moe_lib.MoEInfo` reports (drops, counts). A dispatcher holds no parameters: it only moves rows,
+    so swapping one never changes a checkpoint. Subclasses implement :meth:`forward`.
+    """
+
+    name = "abstract"
+
+    def num_local_experts(self, num_experts: int) -> int:
+        """Experts the bank beside this dispatcher must hold for a router over ``num_experts`` (all of them,
+        unless the dispatcher shards them across processes)."""
+        return num_experts
+
+    @property
+    def capacity_factor(self) -> float | None:
+        """The capacity this dispatcher applies (``None``: it drops nothing)."""
+        return None
+
+    def forward(self, experts: nn.Module, tokens: Tensor, routing: Routing,
+                backend: Backend) -> tuple[Tensor, DispatchPlan]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class TokenDispatcher(Dispatcher):
+    """Token choice and expert choice on one process: :func:`make_plan` (group by expert, capacity with
+    counted drops), the backend on the grouped rows, the weighted combine (the backend's last step).
+
+    Args:
+        capacity_factor: ``None`` (dropless) or the factor ``c`` of ``C = ceil(c · T · k / E)`` (Lepikhin et
+            al. 2021, §2.2; Fedus et al. 2022, eq. 3). Routers that enforce their own capacity (expert
+            choice) get ``None`` here: their routing marks what they dropped.
+    """
+
+    name = "token"
+
+    def __init__(self, capacity_factor: float | None = None):
+        super().__init__()
+        self._capacity_factor = check_positive_float("capacity_factor", capacity_factor, allow_none=True)
+
+    @property
+    def capacity_factor(self) -> float | None:
+        return self._capacity_factor
+
+    @capacity_factor.setter
+    def capacity_factor(self, value: float | None) -> None:
+        self._capacity_factor = check_positive_float("capacity_factor", value, allow_none=True)
+
+    def plan(self, routing: Routing) -> DispatchPlan:
+        """The rows each expert processes, grouped by expert (:func:`make_plan`)."""
+        return make_plan(routing, self._capacity_factor)
+
+    def forward(self, experts, tokens, routing, backend):
+        plan = self.plan(routing)
+        return backend(experts, tokens, plan), plan
+
+    def extra_repr(self) -> str:
+        return "dropless" if self._capacity_factor is None else f"capacity_factor={self._capacity_factor}"
+
+
+class SlotDispatcher(Dispatcher):
+    """Soft MoE (Puigcerver et al. 2024, eq. 1–3): the slots are convex mixtures of the tokens
+    (``routing.dispatch``), expert ``e`` runs on its ``p`` slots (:func:`slot_plan`), and each token's output
+    is a convex mixture of the slot outputs (``routing.combine``). Nothing is dropped."""
+
+    name = "slots"
+
+    def forward(self, experts, tokens, routing, backend):
+        plan = slot_plan(routing.num_experts, routing.slots_per_expert, tokens.device)
+        slots_in = routing.dispatch.t().to(tokens.dtype) @ tokens
+        slots_out = backend(experts, slots_in, plan)
+        return routing.combine.to(slots_out.dtype) @ slots_out, plan

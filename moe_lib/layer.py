@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ._validate import check_choice, check_int, check_nonnegative_float, check_positive_float
 from .backends import BACKENDS
-from .dispatch import DispatchPlan, make_plan, slot_plan
+from .dispatch import Dispatcher, DispatchPlan
 from .experts import ACTIVATIONS, EXPERTS, ExpertBank
 from .losses import auxiliary_losses
 from .metrics import routing_stats
@@ -69,7 +69,8 @@ class MoELayer(nn.Module):
         capacity_factor: ``None`` for dropless, else each expert processes at most
             ``ceil(capacity_factor · T · k / E)`` assignments and the rest are dropped and counted. For
             ``"expert_choice"`` it scales the number of tokens each expert takes (``None`` = 1). Soft MoE
-            drops nothing, so a capacity for ``"soft"`` is an error.
+            drops nothing, so a capacity for ``"soft"`` is an error. With a ready-made ``dispatcher`` it
+            is the dispatcher's and is refused here.
         normalize_weights: renormalise the top-k weights to sum to 1 (``True``, Mixtral) or keep the raw
             gate probabilities (``False``, Switch). ``None`` (default) keeps the router's own convention:
             raw for ``"switch"``, renormalised for the other top-k routers. A router without that choice
@@ -89,6 +90,13 @@ class MoELayer(nn.Module):
             logits and softmax.
         router_options: extra keyword arguments for the router class (e.g. ``{"slots_per_expert": 2}``
             for ``"soft"``, ``{"update_rate": 0.001}`` for ``"auxfree"``, ``{"hash_bits": 8}`` for ``"hash"``).
+        dispatcher: ``None`` (default) takes the router's own (:meth:`~moe_lib.routers.Router.make_dispatcher`:
+            token dispatch with ``capacity_factor``, or Soft MoE's slots), or a ready-made
+            :class:`~moe_lib.dispatch.Dispatcher` — e.g. :class:`moe_lib.distributed.AllToAllDispatcher` for
+            expert parallelism, where the expert bank holds this process's share of the experts.
+
+    The forward pass is router → dispatcher (dispatch, experts through the backend, combine) → output; every
+    variant in the library (Soft MoE, expert parallelism, the Triton kernels) is a part plugged into it.
 
     ``forward(x)`` takes ``[..., d_model]`` and returns ``[..., d_out]``. Routing details are reachable two
     ways: ``y, info = layer(x, return_info=True)`` returns a :class:`MoEInfo`, and ``layer.last_info``
@@ -124,6 +132,7 @@ class MoELayer(nn.Module):
         load_loss_coef: float = 0.0,
         router_dtype: str = "float32",
         router_options: dict | None = None,
+        dispatcher: Dispatcher | None = None,
     ):
         super().__init__()
         self.d_model = check_int("d_model", d_model, minimum=1)
@@ -151,7 +160,14 @@ class MoELayer(nn.Module):
         if top_k is None:
             top_k = router_cls.default_top_k(self.num_experts)
         self.top_k = check_int("top_k", top_k, minimum=1, maximum=self.num_experts)
-        self.capacity_factor = check_positive_float("capacity_factor", capacity_factor, allow_none=True)
+        capacity_factor = check_positive_float("capacity_factor", capacity_factor, allow_none=True)
+        if dispatcher is not None:
+            if not isinstance(dispatcher, Dispatcher):
+                raise TypeError(f"dispatcher must be a moe_lib.dispatch.Dispatcher or None, got "
+                                f"{type(dispatcher).__name__}")
+            if capacity_factor is not None and ready_router is None:
+                raise ValueError(f"capacity_factor={capacity_factor!r} configures the dispatcher the layer builds; "
+                                 f"dispatcher= is a ready-made {type(dispatcher).__name__}: set it there")
         self.aux_loss_coef = check_nonnegative_float("aux_loss_coef", aux_loss_coef)
         self.z_loss_coef = check_nonnegative_float("z_loss_coef", z_loss_coef)
         self.importance_loss_coef = check_nonnegative_float("importance_loss_coef", importance_loss_coef)
@@ -181,12 +197,12 @@ class MoELayer(nn.Module):
                     f"normalize_weights has no effect on router={router!r}; it applies to router in {takes}"
                 )
             router_kwargs["normalize"] = normalize_weights
-        if self.capacity_factor is not None and not router_cls.uses_capacity:
+        if capacity_factor is not None and not router_cls.uses_capacity:
             raise ValueError(
                 f"capacity_factor has no effect on router={router!r} (it drops nothing); leave it None"
             )
         if "capacity_factor" in accepted:
-            router_kwargs["capacity_factor"] = self.capacity_factor
+            router_kwargs["capacity_factor"] = capacity_factor
         for key in (router_options or {}) if ready_router is None else ():
             if key not in accepted or key in ("self", "d_model", "num_experts", "top_k"):
                 options = sorted(k for k in accepted if k not in ("self", "d_model", "num_experts", "top_k"))
@@ -201,6 +217,12 @@ class MoELayer(nn.Module):
         else:
             expert_kwargs = {"activation": activation} if activation is not None else {}
             self.experts = EXPERTS[expert](self.num_experts, self.d_model, self.d_ff, d_out, **expert_kwargs)
+        self.dispatcher = dispatcher if dispatcher is not None else self.router.make_dispatcher(capacity_factor)
+        held = self.dispatcher.num_local_experts(self.num_experts)
+        if self.experts.num_experts != held:
+            needs = (f"the layer num_experts={held}" if held == self.num_experts else
+                     f"the {type(self.dispatcher).__name__} needs {held} of the layer's num_experts={self.num_experts}")
+            raise ValueError(f"expert bank has num_experts={self.experts.num_experts}, {needs}")
         self.d_out = self.experts.d_out
         self._check_backend()
         self.last_info: MoEInfo | None = None
@@ -225,8 +247,9 @@ class MoELayer(nn.Module):
                              f"enforces its own (capacity_factor={getattr(router, 'capacity_factor', None)!r})")
 
     def _check_ready_experts(self, experts, d_out, activation) -> None:
-        """A ready-made expert bank must fit the layer; ``activation`` would configure one built by name."""
-        sizes = [("num_experts", self.num_experts), ("d_model", self.d_model)]
+        """A ready-made expert bank must fit the layer; ``activation`` would configure one built by name.
+        (Its expert count is checked against the dispatcher, which may shard the experts.)"""
+        sizes = [("d_model", self.d_model)]
         if experts.kind != "linear":  # linear experts have no hidden layer
             sizes.append(("d_ff", self.d_ff))
         if d_out is not None:
@@ -237,6 +260,14 @@ class MoELayer(nn.Module):
         if activation is not None:
             raise ValueError(f"activation={activation!r} configures experts built by name; expert= is a "
                              f"ready-made {type(experts).__name__}: set it there")
+
+    @property
+    def capacity_factor(self) -> float | None:
+        """The capacity in force: the router's when it enforces its own (expert choice), else the
+        dispatcher's (``None``: dropless)."""
+        if self.router.owns_capacity:
+            return getattr(self.router, "capacity_factor", None)
+        return self.dispatcher.capacity_factor
 
     @property
     def backend(self) -> str:
@@ -311,18 +342,7 @@ class MoELayer(nn.Module):
         self._check_backend()  # the expert bank may have been replaced since the backend was chosen
         tokens = x.reshape(-1, self.d_model)
         routing = self.router(tokens, token_ids=token_ids)
-        backend = BACKENDS[self._backend]
-        if routing.is_soft:
-            # Soft MoE (Puigcerver et al. 2024, eq. 1-3): slots are convex mixtures of the tokens, each
-            # expert runs on its p slots, each token's output is a convex mixture of the slot outputs.
-            plan = slot_plan(self.num_experts, routing.slots_per_expert, tokens.device)
-            slots_in = routing.dispatch.t().to(tokens.dtype) @ tokens
-            slots_out = backend(self.experts, slots_in, plan)
-            y = routing.combine.to(slots_out.dtype) @ slots_out
-        else:
-            capacity_factor = None if self.router.owns_capacity else self.capacity_factor
-            plan = make_plan(routing, capacity_factor)
-            y = backend(self.experts, tokens, plan)
+        y, plan = self.dispatcher(self.experts, tokens, routing, BACKENDS[self._backend])
         aux_losses, aux_loss = self.auxiliary_losses(routing)
         info = MoEInfo(routing=routing, plan=plan, aux_losses=aux_losses, aux_loss=aux_loss)
         self.last_info = info

@@ -201,6 +201,13 @@ class Router(nn.Module):
         """Matmul FLOPs of the router for one token (2 per multiply-add)."""
         return 2 * self.d_model * self.gate.out_features
 
+    def make_dispatcher(self, capacity_factor: float | None = None):
+        """The :class:`~moe_lib.dispatch.Dispatcher` a layer uses with this router by default: token
+        dispatch with ``capacity_factor`` (``None`` when the router enforces its own capacity)."""
+        from .dispatch import TokenDispatcher
+
+        return TokenDispatcher(None if self.owns_capacity else capacity_factor)
+
     def after_step(self) -> None:
         """Hook called once after each optimiser step (only the ``auxfree`` router uses it)."""
 
@@ -561,6 +568,12 @@ class SoftMoERouter(Router):
     def flops_per_token(self) -> int:
         """Slot logits, plus the dispatch and combine matmuls (each ``2 · d · E·p`` per token)."""
         return 3 * 2 * self.d_model * self.gate.out_features
+
+    def make_dispatcher(self, capacity_factor: float | None = None):
+        """Soft MoE mixes tokens into slots: a :class:`~moe_lib.dispatch.SlotDispatcher` (no capacity)."""
+        from .dispatch import SlotDispatcher
+
+        return SlotDispatcher()
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
         logits = self.scores(x)

@@ -184,7 +184,8 @@ def _ep_rank(rank, world_size, layers, per_rank, group_ranks=None):
         fresh = (ep.last_traffic, ep.last_plan)
         me = rank if group is None else dist.get_rank(group)
         x = inputs[me][0].clone().requires_grad_(True)
-        y, (routing, plan, aux) = ep(x, return_info=True)
+        y, info = ep(x, return_info=True)  # the layer's MoEInfo
+        routing, plan, aux = info.routing, info.plan, info.aux_loss
         last_plan, traffic = ep.last_plan, ep.last_traffic
         plain = ep(x)  # return_info=False: the output alone
         (y * inputs[me][1]).sum().backward()

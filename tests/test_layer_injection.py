@@ -83,3 +83,73 @@ def test_a_ready_bank_the_backend_cannot_run_is_refused_at_construction():
         MoELayer(8, 16, 4, expert=bank, backend="grouped_mm")
     layer = MoELayer(8, 16, 4, expert=bank, backend="loop")
     assert layer.experts is bank and layer.d_out == 8
+
+
+# ------------------------------------------------------------------------------------ the dispatcher seam
+from moe_lib.dispatch import Dispatcher, SlotDispatcher, TokenDispatcher  # noqa: E402
+
+
+def test_each_router_picks_its_dispatcher_and_the_layer_reports_its_capacity():
+    assert isinstance(MoELayer(8, 16, 4, router="soft").dispatcher, SlotDispatcher)
+    switch = MoELayer(8, 16, 4, router="switch", capacity_factor=1.25)
+    assert isinstance(switch.dispatcher, TokenDispatcher) and switch.dispatcher.capacity_factor == 1.25
+    assert switch.capacity_factor == 1.25
+    choice = MoELayer(8, 16, 4, router="expert_choice", capacity_factor=0.5)
+    assert choice.dispatcher.capacity_factor is None  # the router enforces it: the plan must not apply it twice
+    assert choice.capacity_factor == 0.5
+    assert "capacity_factor=1.25" in repr(switch) and "(dispatcher): TokenDispatcher(capacity_factor=1.25)" in repr(switch)
+
+
+def test_a_ready_dispatcher_computes_what_the_capacity_argument_computes():
+    torch.manual_seed(0)
+    named = MoELayer(8, 16, 4, router="switch", capacity_factor=0.75)
+    ready = MoELayer(8, 16, 4, router=named.router, expert=named.experts, dispatcher=TokenDispatcher(0.75))
+    x = torch.randn(40, 8)
+    y_named, info_named = named(x, return_info=True)
+    y_ready, info_ready = ready(x, return_info=True)
+    assert info_ready.plan.dropped_assignments == info_named.plan.dropped_assignments > 0
+    torch.testing.assert_close(y_ready, y_named, rtol=0, atol=0)
+
+
+class _Recording(Dispatcher):
+    """A new way of dispatching is one class: this one wraps token dispatch and records what it planned."""
+
+    def __init__(self, capacity_factor=None):
+        super().__init__()
+        self.inner, self.calls = TokenDispatcher(capacity_factor), []
+
+    @property
+    def capacity_factor(self):
+        return self.inner.capacity_factor
+
+    def forward(self, experts, tokens, routing, backend):
+        y, plan = self.inner(experts, tokens, routing, backend)
+        self.calls.append((tokens.shape[0], int(plan.counts.sum())))
+        return 2 * y, plan
+
+
+def test_the_layer_forward_goes_through_the_dispatcher_it_holds():
+    torch.manual_seed(0)
+    plain = MoELayer(8, 16, 4, top_k=2)
+    recording = MoELayer(8, 16, 4, router=plain.router, expert=plain.experts, dispatcher=_Recording())
+    x = torch.randn(3, 5, 8)
+    torch.testing.assert_close(recording(x), 2 * plain(x), rtol=0, atol=0)
+    assert recording.dispatcher.calls == [(15, 30)]
+
+
+class _Half(TokenDispatcher):
+    def num_local_experts(self, num_experts):
+        return num_experts // 2
+
+
+def test_a_ready_dispatcher_is_checked_with_the_options_and_the_bank():
+    with pytest.raises(TypeError, match="dispatcher must be a moe_lib.dispatch.Dispatcher or None, got str"):
+        MoELayer(8, 16, 4, dispatcher="all_to_all")
+    with pytest.raises(ValueError, match=r"capacity_factor=1\.0 configures the dispatcher the layer builds; "
+                                         r"dispatcher= is a ready-made TokenDispatcher: set it there"):
+        MoELayer(8, 16, 4, capacity_factor=1.0, dispatcher=TokenDispatcher(1.0))
+    with pytest.raises(ValueError, match=r"expert bank has num_experts=4, the _Half needs 2 of the layer's "
+                                         r"num_experts=4"):
+        MoELayer(8, 16, 4, dispatcher=_Half())
+    half = MoELayer(8, 16, 4, expert=EXPERTS["swiglu"](2, 8, 16), dispatcher=_Half())
+    assert half.experts.num_experts == 2 and half.num_experts == 4

@@ -352,7 +352,8 @@ def ep_rank_vs_single_process(rank: int, world_size: int, cases: list[dict]) -> 
         before = ep.full_expert_state()
         state_before = max((before[n] - p.detach()).abs().max().item() for n, p in layer.experts.named_parameters())
         x, target = inputs[rank]
-        y, (_, _, aux_ep) = ep(x, return_info=True)
+        y, info_ep = ep(x, return_info=True)
+        aux_ep = info_ep.aux_loss
         _, info = layer(x, return_info=True)
         # one SGD step on the experts: expert parallel on this rank's tokens, single process on all of them
         ((y * target).sum()).backward()
