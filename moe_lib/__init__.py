@@ -23,34 +23,12 @@ import torch as _torch
 if not _torch.cuda.is_available():
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from . import (  # noqa: E402
-    applications,
-    backends,
-    business,
-    classic,
-    corpus,
-    data,
-    dispatch,
-    distributed,
-    experts,
-    interop,
-    losses,
-    metrics,
-    models,
-    practice,
-    routers,
-    serving,
-    tasks,
-    training,
-    stats,
-    utils,
-)
+# The core data path is imported here; the chapter-support subpackages (and the names they export at the top
+# level) load on first use, so ``import moe_lib`` stays light and never starts moe_lib.distributed.
+from . import backends, dispatch, experts, losses, metrics, routers, stats, training, utils  # noqa: E402
 from .backends import BACKENDS
-from .dispatch import DispatchPlan, make_plan
-from .distributed import ExpertParallelMoE
+from .dispatch import Dispatcher, DispatchPlan, SlotDispatcher, TokenDispatcher, make_plan
 from .experts import EXPERTS, ExpertBank, GLUExperts, LinearExperts, MLPExperts, SwiGLUExperts
-from .interop import from_transformers
-from .interop import patch_transformers, routing_report, unpatch_transformers
 from .layer import MoEInfo, MoELayer
 from .routers import (
     ROUTERS,
@@ -73,9 +51,31 @@ from .utils import book_file, count_flops, resolve_device, seed_everything, to_d
 
 __version__ = "0.1.0"
 
+#: Subpackages and modules loaded on first attribute access (``moe_lib.tasks``, ``from moe_lib import tasks``).
+_LAZY_MODULES = ("applications", "bench", "business", "classic", "corpus", "data", "distributed", "full_scale",
+                 "grouping", "interop", "kernels", "models", "plot", "practice", "reproducibility", "serving", "tasks")
+#: Top-level names that live in a lazily loaded subpackage.
+_LAZY_NAMES = {"from_transformers": "interop", "patch_transformers": "interop", "unpatch_transformers": "interop",
+               "routing_report": "interop", "ExpertParallelMoE": "distributed"}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY_NAMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_MODULES) | set(_LAZY_NAMES))
+
 __all__ = [
     # the layer and what it returns
     "MoELayer", "MoEInfo", "Routing", "DispatchPlan", "make_plan",
+    "Dispatcher", "TokenDispatcher", "SlotDispatcher",
     # registries and their members
     "ROUTERS", "EXPERTS", "BACKENDS",
     "Router", "DenseRouter", "TopKRouter", "NoisyTopKRouter", "SwitchRouter", "GShardRouter",
