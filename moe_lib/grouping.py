@@ -119,14 +119,22 @@ def padding_stats(counts, capacity: int | None = None) -> dict[str, float]:
 
 
 def max_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
-    """Tile slots a grouped-GEMM grid launches before it knows the counts: ``ceil(N / M) + E`` (the grid of
-    ``moe_lib.kernels``). It is enough for any split of ``N`` rows over ``E`` experts, since
-    ``Σ ceil(n_e / M) < Σ (n_e / M + 1) = N / M + E``; the slots past the last tile exit at once. Sizing
-    the grid this way needs no host synchronisation."""
+    """Tile slots a grouped-GEMM grid launches before it knows the counts: the most tiles any split of
+    ``N`` rows over ``E`` experts can need, ``m + ⌊(N − m) / M⌋`` with ``m = min(E, N)`` (at least 1).
+
+    Derivation: an expert with ``n ≥ 1`` rows needs ``⌈n / M⌉ = 1 + ⌊(n − 1) / M⌋`` tiles, so ``m'``
+    non-empty experts need ``m' + Σ ⌊(n_e − 1) / M⌋ ≤ m' + ⌊(N − m') / M⌋`` tiles; that grows with ``m'``,
+    and at most ``min(E, N)`` experts can be non-empty (each holds a row). The bound is reached (``m − 1``
+    experts with one row, the rest on one expert), so it is tight; it is also ``≤ min(N, ⌈N / M⌉ + E)``.
+    At decode it matters: DeepSeek-V3 at ``T = 1`` (``N = 8``, ``E = 256``, ``M = 16``) needs 8 slots where
+    ``⌈N / M⌉ + E`` gives 257. Slots past the last tile exit at once; sizing the grid this way needs no host
+    synchronisation. One slot is kept when ``N = 0`` so that every launch over the slots has a program (the
+    schedule kernel's first program also writes the offsets)."""
     num_rows = check_int("num_rows", num_rows, minimum=0)
     num_experts = check_int("num_experts", num_experts, minimum=1)
     block_m = check_int("block_m", block_m, minimum=1)
-    return -(-num_rows // block_m) + num_experts
+    live = min(num_experts, num_rows)
+    return max(1, live + (num_rows - live) // block_m)
 
 
 def tile_schedule(counts, block_m: int) -> tuple[Tensor, Tensor]:

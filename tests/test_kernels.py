@@ -155,6 +155,49 @@ def test_tile_schedule_covers_every_row_once():
     assert torch.equal(covered, torch.ones_like(covered))
 
 
+def test_max_tiles_is_the_tight_bound():
+    """Brute force over every split of N rows into E experts: the slot count equals the most tiles any
+    split needs, and never exceeds min(N, ceil(N/M) + E) (the decode grid follows the live tiles)."""
+    import itertools
+
+    from moe_lib.grouping import max_tiles
+
+    for n, e, m in itertools.product(range(1, 8), range(1, 5), (1, 2, 3, 16)):
+        worst = max(sum(-(-c // m) for c in split)
+                    for split in itertools.product(range(n + 1), repeat=e) if sum(split) == n)
+        assert max_tiles(n, e, m) == worst, (n, e, m)
+        assert max_tiles(n, e, m) <= min(n, -(-n // m) + e)
+    assert max_tiles(0, 4, 16) == 1  # one program, so the schedule kernel still writes the offsets
+    assert max_tiles(8, 256, 16) == 8  # DeepSeek-V3 decode, T=1: 8 slots, not 257
+
+
+@pytest.mark.parametrize("num_tokens,top_k,num_experts", [(1, 8, 256), (40, 1, 8)], ids=["decode", "tight"])
+def test_decode_grid_uses_exactly_the_live_tiles(num_tokens, top_k, num_experts):
+    """At T=1, k=8, E=256 the grid has 8 slots (8·E programs before); with 7 experts of one row and one of
+    33 rows (16-row tiles) all 10 slots of the bound are live. The kernels match the reference in both."""
+    if num_tokens == 1:
+        experts = torch.tensor([[3, 250, 17, 0, 255, 128, 64, 9]], dtype=torch.int32)
+    else:
+        experts = torch.zeros(num_tokens, 1, dtype=torch.int32)
+        experts[:7, 0] = torch.arange(1, 8)
+    meta = K.permute_metadata(experts, num_experts, 16)
+    ref = K.permute_metadata(experts, num_experts, 16, impl="torch")
+    for field in META_FIELDS:
+        assert torch.equal(getattr(meta, field), getattr(ref, field)), field
+    assert meta.max_tiles == meta.tiles_used() == (8 if num_tokens == 1 else 10)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(num_tokens, 16, generator=g)
+    weights = torch.rand(num_tokens, top_k, generator=g)
+    ws = _weights(num_experts, 16, 16)
+    leaves = [[t.clone().requires_grad_(True) for t in (x, weights, *ws)] for _ in K.IMPLS]
+    ys = [K.expert_ffn(l[0], l[1], meta, *l[2:], impl=impl) for l, impl in zip(leaves, K.IMPLS)]
+    torch.testing.assert_close(ys[0], ys[1], rtol=1e-4, atol=1e-5)
+    for y in ys:
+        y.pow(2).sum().backward()
+    for a, b in zip(*leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ expert FFN
 
 

@@ -126,7 +126,8 @@ class Metadata:
         return self.tiles_used() * self.block_m
 
 
-#: ``ceil(N / block_m) + E`` ≥ ``Σ_e ceil(n_e / block_m)`` for any split of ``N`` rows over ``E`` experts.
+#: ``m + ⌊(N − m) / block_m⌋`` with ``m = min(E, N)``: the most tiles (``Σ_e ⌈n_e / block_m⌉``) any split of
+#: ``N`` rows over ``E`` experts can need (tight; see :func:`moe_lib.grouping.max_tiles`).
 max_tiles_for = max_tiles
 
 

@@ -6,6 +6,16 @@ fixed before the tile schedule is built. A tile is wasted where an expert's row 
 waste low, while a large tile keeps the tensor cores busy. The heuristic picks the smallest of 16, 32, 64,
 128 that is at least ``R`` (capped at 128). Under the Triton interpreter (CPU) every block is small: its cost
 is per element, not per tile.
+
+Decode (``R < 16``) gets the smallest tile, 16 rows. Sizing the tile for the busiest expert instead would need
+its row count, which only the device knows; without reading it back, the bound is ``min(T, N)`` rows (a token
+picks an expert at most once), always ≥ ``R``. A tile that large multiplies the masked rows of every other
+expert: DeepSeek-V3 at ``T = 64`` (``k = 8``, ``E = 256``, two rows per expert on average) would run 64-row
+tiles for two real rows, 32× the useful MMA work (≈ 1.4 TFLOP per layer, a few ms), to save the re-reads of
+the hot expert's weights by its extra 16-row tiles — re-reads that the grouped tile order serves from L2, as
+those tiles run side by side. Masked rows cost no bytes but do cost MMA issue slots and registers, so the
+mean, not the bound on the maximum, sets ``block_m``; the grid's slot count (see ``max_tiles``) is what
+follows the live tiles.
 """
 from __future__ import annotations
 

@@ -18,8 +18,10 @@ scale) → ``_combine_kernel``; ``_wgrad_kernel`` for ``dW_d`` and, in one pass 
 Every address that involves a row index or an expert index is computed in 64-bit (:func:`_offset64`):
 ``T·d`` and ``E·d·f`` pass 2³¹ on real shapes (DeepSeek-V3: 256·7168·2048 ≈ 3.8·10⁹ weight elements).
 
-All GEMM grids run over a fixed number of tile slots (``ceil(N / block_m) + E``), never over a count read
-back from the device, so a forward pass launches without a host synchronisation.
+All GEMM grids run over a fixed number of tile slots (``m + ⌊(N − m) / block_m⌋``, ``m = min(E, N)``: the
+most tiles any routing can need, :func:`moe_lib.grouping.max_tiles`), never over a count read back from the
+device, so a forward pass launches without a host synchronisation. At decode this is the number of live tiles
+(one per chosen expert), not ``E`` spare slots per column block.
 """
 from __future__ import annotations
 
