@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -25,16 +26,18 @@ class MoEInfo:
             their weights, per token of the flattened input).
         plan: the :class:`~moe_lib.dispatch.DispatchPlan` (rows grouped by expert, counts, drops; for Soft
             MoE the plan of the slots, :func:`~moe_lib.dispatch.slot_plan`).
-        aux_losses: unweighted auxiliary losses by name: ``"load_balance"`` (Switch, eq. 4),
-            ``"z_loss"`` (ST-MoE, eq. 5), ``"importance"`` (Shazeer 2017, eq. 6) and, for the noisy top-k
-            router, ``"load"`` (Shazeer 2017, eq. 11). They carry gradients.
+        aux_losses: unweighted auxiliary losses by name (:class:`~moe_lib.losses.AuxTerms`):
+            ``"load_balance"`` (Switch, eq. 4), ``"z_loss"`` (ST-MoE, eq. 5), ``"importance"`` (Shazeer 2017,
+            eq. 6) and, for the noisy top-k router, ``"load"`` (Shazeer 2017, eq. 11). They carry gradients.
+            The configured ones (coefficient > 0) were computed in the forward pass; the others are
+            computed when read.
         aux_loss: their sum weighted by the layer's ``aux_loss_coef``, ``z_loss_coef``,
             ``importance_loss_coef`` and ``load_loss_coef``; add it to the training loss.
     """
 
     routing: Routing
     plan: DispatchPlan
-    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    aux_losses: Mapping[str, Tensor] = field(default_factory=dict)
     aux_loss: Tensor | None = None
 
     def stats(self) -> dict:

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -97,23 +98,71 @@ def load_loss(clean_logits: Tensor, noisy_logits: Tensor, noise_std: Tensor, top
     return cv_squared(shazeer_load(clean_logits, noisy_logits, noise_std, top_k))
 
 
+class AuxTerms(Mapping):
+    """The auxiliary terms of one routing by name, each computed when first read.
+
+    The terms a layer is configured with (coefficient > 0) are computed in its forward pass, because the
+    training loss needs them; the others are computed only if someone reads them (a plot, a metric). Keys:
+    ``"load_balance"``, ``"z_loss"``, ``"importance"`` and, for the noisy top-k router, ``"load"``."""
+
+    def __init__(self, routing: Routing):
+        self._routing = routing
+        self._values: dict[str, Tensor] = {}
+        self._names = tuple(name for name, (applies, _) in _TERMS.items() if applies(routing))
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._values:
+            self._values[name] = _TERMS[name][1](self._routing)
+        return self._values[name]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def computed(self) -> tuple[str, ...]:
+        """The names computed so far (the configured terms right after a forward pass)."""
+        return tuple(n for n in self._names if n in self._values)
+
+    def __repr__(self) -> str:
+        return f"AuxTerms({', '.join(n + ('' if n in self._values else ' (not computed)') for n in self._names)})"
+
+
+def _always(routing) -> bool:
+    return True
+
+
+#: name -> (does the term exist for this routing, the term). The order is the order of the weighted sum.
+_TERMS = {
+    "load_balance": (_always, lambda r: load_balancing_loss(r.probs, r.experts, r.valid)),
+    "z_loss": (_always, lambda r: router_z_loss(r.logits)),
+    "importance": (_always, lambda r: importance_loss(r.dense_weights())),
+    "load": (lambda r: r.noise_std is not None,
+             lambda r: load_loss(r.clean_logits, r.logits, r.noise_std, r.top_k)),
+}
+
+
 def auxiliary_losses(routing: Routing, *, aux_loss_coef: float, z_loss_coef: float = 0.0,
-                     importance_loss_coef: float = 0.0, load_loss_coef: float = 0.0) -> tuple[dict[str, Tensor], Tensor]:
-    """Every auxiliary term of one routing, unweighted by name, and their weighted sum.
+                     importance_loss_coef: float = 0.0, load_loss_coef: float = 0.0) -> tuple[AuxTerms, Tensor]:
+    """The auxiliary terms of one routing by name (:class:`AuxTerms`, unweighted) and their weighted sum.
 
     ``"load_balance"`` (Fedus et al. 2022, eq. 4), ``"z_loss"`` (Zoph et al. 2022, eq. 5),
     ``"importance"`` (Shazeer et al. 2017, eq. 6) and, for the noisy top-k router only, ``"load"``
-    (Shazeer et al. 2017, eq. 11). The one place the sum is formed: :class:`~moe_lib.MoELayer` and the
-    expert-parallel layer both call it.
+    (Shazeer et al. 2017, eq. 11). Only the terms with a positive coefficient are computed and summed (in
+    that order); with none configured the sum is a zero without a graph. The one place the sum is formed:
+    :class:`~moe_lib.MoELayer` calls it, whatever its dispatcher.
     """
-    terms = {
-        "load_balance": load_balancing_loss(routing.probs, routing.experts, routing.valid),
-        "z_loss": router_z_loss(routing.logits),
-        "importance": importance_loss(routing.dense_weights()),
-    }
-    total = (aux_loss_coef * terms["load_balance"] + z_loss_coef * terms["z_loss"]
-             + importance_loss_coef * terms["importance"])
-    if routing.noise_std is not None:
-        terms["load"] = load_loss(routing.clean_logits, routing.logits, routing.noise_std, routing.top_k)
-        total = total + load_loss_coef * terms["load"]
+    terms = AuxTerms(routing)
+    coefs = {"load_balance": aux_loss_coef, "z_loss": z_loss_coef, "importance": importance_loss_coef,
+             "load": load_loss_coef}
+    total = None
+    for name in terms:
+        if coefs[name] > 0:
+            weighted = coefs[name] * terms[name]
+            total = weighted if total is None else total + weighted
+    if total is None:
+        total = torch.zeros((), device=routing.probs.device)
     return terms, total

@@ -32,9 +32,9 @@ The routers of :data:`ROUTERS` (``MoELayer(router=name)``):
   combinations of all tokens (``D = softmax`` over tokens, per slot) and each token's output a convex
   combination of all slot outputs (``C = softmax`` over slots, per token). Never drops; not causal.
 * ``"auxfree"`` — auxiliary-loss-free balancing (Wang et al. 2024, eq. 3–4): a per-expert bias ``b`` is
-  added to the scores for the top-``k`` *selection* only; the gate values are the unbiased scores. After
-  each training step ``b_i ← b_i + u · sign(mean load − load_i)``, ``u = 0.001``
-  (:meth:`Router.after_step`, called by :func:`moe_lib.training.after_step`).
+  added to the scores for the top-``k`` *selection* only; the gate values are the unbiased scores. Every
+  training forward pass moves it, ``b_i ← b_i + u · sign(mean load − load_i)``, ``u = 0.001``
+  (:func:`balance_bias`: the router owns the update, no training loop has to call anything).
 * ``"group_limited"`` — DeepSeek-V3 (2024, eq. 12–16): sigmoid scores, a correction bias for the
   selection only, top-k restricted to the ``topk_group`` best of ``n_group`` expert groups, gate values
   renormalised and multiplied by a scaling factor. Used by :func:`moe_lib.from_transformers`.
@@ -208,8 +208,6 @@ class Router(nn.Module):
 
         return TokenDispatcher(None if self.owns_capacity else capacity_factor)
 
-    def after_step(self) -> None:
-        """Hook called once after each optimiser step (only the ``auxfree`` router uses it)."""
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:  # pragma: no cover
         raise NotImplementedError
@@ -588,13 +586,30 @@ class SoftMoERouter(Router):
                        combine=combine, slots_per_expert=self.slots_per_expert)
 
 
+def balance_bias(router: Router, bias: Tensor, experts: Tensor, update_rate: float) -> None:
+    """Aux-loss-free balancing (Wang et al. 2024, eq. 3–4): ``b_i ← b_i + u · sign(mean load − load_i)``,
+    with the load of the batch just routed, in place.
+
+    The router owns the update, so no training loop can forget it: it happens in every forward pass that
+    trains — training mode with gradients enabled — right after the experts were chosen with the old bias
+    (so the next batch sees the new one, as an update after the optimiser step would give). Evaluation
+    passes and passes under ``torch.no_grad()`` leave the bias alone. With gradient accumulation the bias
+    moves once per micro-batch; scale ``update_rate`` accordingly. Under expert parallelism each rank
+    updates its replica from its own tokens' load."""
+    if update_rate == 0 or not (router.training and torch.is_grad_enabled()):
+        return
+    with torch.no_grad():
+        load = torch.bincount(experts.reshape(-1), minlength=router.num_experts).to(bias.dtype)
+        bias += update_rate * torch.sign(load.mean() - load)
+
+
 class AuxFreeRouter(TopKRouter):
     """Auxiliary-loss-free load balancing (Wang et al. 2024, eq. 3–4).
 
     Gate scores ``s = softmax(x W_g)``; selection ``TopK(s_i + b_i)`` uses a per-expert bias buffer ``b``,
     but the gate values are the *unbiased* ``s_i`` of the selected experts (renormalised when
-    ``normalize``). After each training step :meth:`after_step` moves the bias against the load of the
-    last training batch: ``b_i ← b_i + u · sign(mean load − load_i)`` (``u = update_rate``, 0.001 in the
+    ``normalize``). Every training forward pass then moves the bias against the load of its batch
+    (:func:`balance_bias`): ``b_i ← b_i + u · sign(mean load − load_i)`` (``u = update_rate``, 0.001 in the
     paper). The bias receives no gradient.
     """
 
@@ -605,25 +620,14 @@ class AuxFreeRouter(TopKRouter):
         super().__init__(d_model, num_experts, top_k, bias=bias, normalize=normalize, router_dtype=router_dtype)
         self.update_rate = check_nonnegative_float("update_rate", update_rate)
         self.register_buffer("expert_bias", torch.zeros(self.num_experts))
-        self._pending_load: Tensor | None = None
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
         logits = self.scores(x)
         probs = self._softmax(logits)
         experts = (probs.detach() + self.expert_bias.to(probs.dtype)).topk(self.top_k, dim=-1).indices
         top_p = probs.gather(1, experts)
-        if self.training:
-            self._pending_load = torch.bincount(experts.reshape(-1), minlength=self.num_experts)
+        balance_bias(self, self.expert_bias, experts, self.update_rate)
         return Routing(logits=logits, probs=probs, experts=experts, weights=self._weights(top_p))
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        """``b ← b + u · sign(mean load − load)`` with the load of the last training forward pass."""
-        if self._pending_load is None:
-            return
-        load = self._pending_load.to(self.expert_bias.dtype)
-        self.expert_bias += self.update_rate * torch.sign(load.mean() - load)
-        self._pending_load = None
 
 
 class GroupLimitedRouter(Router):
@@ -647,7 +651,8 @@ class GroupLimitedRouter(Router):
             (``n_group=1`` disables the group limit). ``top_k <= topk_group · E / n_group``.
         scaling_factor: multiplies every gate value after normalisation.
         update_rate: ``u`` of the aux-loss-free bias update ``b_i ← b_i + u · sign(mean load − load_i)``
-            applied by :meth:`after_step` (0, the default, keeps the bias fixed, as at inference).
+            applied in every training forward pass by :func:`balance_bias` (0, the default, keeps the bias
+            fixed, as at inference).
     """
 
     name = "group_limited"
@@ -671,7 +676,6 @@ class GroupLimitedRouter(Router):
         self.scaling_factor = check_positive_float("scaling_factor", scaling_factor)
         self.update_rate = check_nonnegative_float("update_rate", update_rate)
         self.register_buffer("score_bias", torch.zeros(self.num_experts))
-        self._pending_load: Tensor | None = None
 
     def gate_scores(self, logits: Tensor) -> Tensor:
         """``σ(logits)`` (or their softmax), float32 at least."""
@@ -698,20 +702,9 @@ class GroupLimitedRouter(Router):
         if self.normalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.scaling_factor
-        if self.training:
-            self._pending_load = torch.bincount(experts.reshape(-1), minlength=self.num_experts)
+        balance_bias(self, self.score_bias, experts, self.update_rate)
         probs = s / s.sum(dim=-1, keepdim=True).clamp_min(1e-20) if self.score == "sigmoid" else s
         return Routing(logits=logits, probs=probs, experts=experts, weights=weights)
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        """``b ← b + u · sign(mean load − load)`` with the last training batch's load (no-op if ``u = 0``)."""
-        if self._pending_load is None or self.update_rate == 0:
-            self._pending_load = None
-            return
-        load = self._pending_load.to(self.score_bias.dtype)
-        self.score_bias += self.update_rate * torch.sign(load.mean() - load)
-        self._pending_load = None
 
 
 class GroupCapacityRouter(TopKRouter):

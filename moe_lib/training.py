@@ -76,14 +76,6 @@ def mse(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return float(nn.functional.mse_loss(model(x), y))
 
 
-def after_step(model: nn.Module) -> None:
-    """Call every router's :meth:`~moe_lib.routers.Router.after_step` hook (the ``auxfree`` bias update,
-    Wang et al. 2024) — once after each optimiser step."""
-    for module in model.modules():
-        if isinstance(module, MoELayer):
-            module.router.after_step()
-
-
 @dataclass
 class ClassifierHistory(History):
     """Per step: task loss (cross-entropy), auxiliary loss, the largest router logit (|max|) and the
@@ -111,8 +103,8 @@ def fit_classifier(
 
     ``model(x_batch, token_ids=ids_batch)`` is called when ``token_ids`` is given, ``model(x_batch)``
     otherwise. Mini-batches are drawn from their own generator seeded by ``seed``, so a run is
-    deterministic. Routers' ``after_step`` hooks run after each optimiser step. ``progress`` shows a
-    tqdm bar (on stderr).
+    deterministic. Routers that balance by a bias (``auxfree``) update it in each training forward pass
+    themselves. ``progress`` shows a tqdm bar (on stderr).
     """
     from tqdm import tqdm
 
@@ -132,7 +124,6 @@ def fit_classifier(
         opt.zero_grad()
         (loss + aux_loss if aux else loss).backward()
         opt.step()
-        after_step(model)
         history.train_loss.append(loss.item())
         history.aux_loss.append(float(aux_loss.detach()))
         history.max_logit.append(max((float(m.last_info.routing.logits.detach().abs().max())

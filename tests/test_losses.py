@@ -2,6 +2,8 @@
 smooth load) against cases computed by hand."""
 import math
 
+import pytest
+
 import torch
 
 from moe_lib import MoELayer
@@ -195,3 +197,29 @@ def test_auxiliary_losses_leaves_out_the_load_term_unless_asked():
     r = noisy.router(torch.randn(6, 4))
     terms, total = auxiliary_losses(r, aux_loss_coef=0.0)  # load_loss_coef defaults to 0
     assert terms["load"] > 0 and total.item() == 0.0
+
+
+def test_only_the_configured_terms_are_computed_in_the_forward_pass():
+    """Issue 16, item 3: a term with coefficient 0 costs nothing unless read; reading it gives the value a
+    layer configured with it computes, and the sum is the configured terms only."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 4)
+    lazy = MoELayer(4, 6, 3, 2, router="noisy_topk", aux_loss_coef=0.0, z_loss_coef=0.5).eval()
+    _, info = lazy(x, return_info=True)
+    assert info.aux_losses.computed() == ("z_loss",)
+    assert set(info.aux_losses) == {"load_balance", "z_loss", "importance", "load"}  # all readable
+    assert info.aux_loss.item() == (0.5 * info.aux_losses["z_loss"]).item()
+    full = MoELayer(4, 6, 3, 2, router="noisy_topk", aux_loss_coef=0.1, importance_loss_coef=0.1,
+                    load_loss_coef=0.1).eval()
+    full.load_state_dict(lazy.state_dict())
+    _, every = full(x, return_info=True)
+    assert every.aux_losses.computed() == ("load_balance", "importance", "load")
+    for name in ("load_balance", "importance", "load"):  # read on demand: the same value
+        assert torch.equal(info.aux_losses[name], every.aux_losses[name]), name
+    assert info.aux_losses.computed() == ("load_balance", "z_loss", "importance", "load")
+    with pytest.raises(KeyError):
+        MoELayer(4, 6, 3, 2)(x, return_info=True)[1].aux_losses["load"]  # no noise: no load term
+    none = MoELayer(4, 6, 3, 2, aux_loss_coef=0.0)
+    _, nothing = none(x, return_info=True)
+    assert nothing.aux_losses.computed() == () and nothing.aux_loss.item() == 0.0
+    assert not nothing.aux_loss.requires_grad

@@ -124,13 +124,14 @@ def test_aux_free_bias_changes_selection_never_gate_values(num_experts, top_k, s
     x = torch.randn(20, 5)
     with torch.no_grad():
         layer.router.expert_bias.copy_(torch.linspace(-1, 1, num_experts) * shift)
+    bias = layer.router.expert_bias.clone()  # the selection uses the bias before this pass's update
     r = layer.router(x)
     probs = torch.softmax(x @ layer.router.gate.weight.T, -1)
     torch.testing.assert_close(r.probs, probs)
     gate = probs.gather(1, r.experts)
     torch.testing.assert_close(r.weights, gate / gate.sum(-1, keepdim=True))
     # the selection is the top-k of probs + bias
-    biased = probs + layer.router.expert_bias
+    biased = probs + bias
     torch.testing.assert_close(biased.gather(1, r.experts).min(1).values,
                                biased.topk(top_k, -1).values[:, -1])
 
@@ -140,11 +141,17 @@ def test_aux_free_bias_update_rule():
     layer = make_layer("auxfree", 4, 1, router_options={"update_rate": 0.01})
     with torch.no_grad():  # every token to expert 0
         layer.router.expert_bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    x = torch.randn(8, 5)
     layer.train()
-    layer(torch.randn(8, 5))
-    layer.router.after_step()  # load [8, 0, 0, 0], mean 2 -> b += 0.01 * sign(2 - load)
-    torch.testing.assert_close(layer.router.expert_bias, torch.tensor([0.99, 0.01, 0.01, 0.01]))
-    layer.router.after_step()  # nothing pending: no change
+    with torch.no_grad():  # no gradients: not a training step, the bias stays
+        layer(x)
+    torch.testing.assert_close(layer.router.expert_bias, torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    layer.eval()
+    layer(x)  # evaluation: the bias stays
+    torch.testing.assert_close(layer.router.expert_bias, torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    layer.train()
+    _, info = layer(x, return_info=True)  # load [8, 0, 0, 0], mean 2 -> b += 0.01 * sign(2 - load)
+    assert info.routing.experts.flatten().tolist() == [0] * 8  # chosen with the old bias
     torch.testing.assert_close(layer.router.expert_bias, torch.tensor([0.99, 0.01, 0.01, 0.01]))
 
 
@@ -348,7 +355,6 @@ def test_group_limited_router_defaults():
     assert (r.normalize, r.score, r.n_group, r.topk_group) == (True, "sigmoid", 1, 1)
     assert (r.scaling_factor, r.update_rate, r.router_dtype) == (1.0, 0.0, "float32")
     assert r.gate.bias is None and r.score_bias.tolist() == [0.0] * 8
-    assert r._pending_load is None
     layer = MoELayer(4, 4, 8, 2, router="group_limited", expert="linear")
     assert (layer.router.n_group, layer.router.scaling_factor, layer.router.score) == (1, 1.0, "sigmoid")
 
@@ -417,8 +423,9 @@ def test_group_limited_gate_values_ignore_the_bias_and_scale_after_normalising()
     torch.testing.assert_close(unnormalised(x).weights[0], torch.stack([s[0], s[1]]), rtol=1e-6, atol=0)
 
 
-def test_group_limited_bias_update_after_a_training_step():
-    """b_i += u · sign(mean load − load_i) after a training forward pass only, once (Wang et al. 2024, eq. 3)."""
+def test_group_limited_bias_update_in_a_training_forward():
+    """b_i += u · sign(mean load − load_i) in a training forward pass only, once per pass (Wang et al. 2024,
+    eq. 3)."""
     from moe_lib.routers import GroupLimitedRouter
     r = GroupLimitedRouter(3, 3, 1, update_rate=0.25)
     with torch.no_grad():
@@ -426,21 +433,18 @@ def test_group_limited_bias_update_after_a_training_step():
     x = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [1.0, 0, 0]])  # load [3, 1, 0], mean 4/3
     r.eval()
     r(x)
-    r.after_step()
     assert r.score_bias.tolist() == [0.0, 0.0, 0.0]  # evaluation passes do not count
     r.train()
-    r(x)
-    assert r._pending_load.tolist() == [3, 1, 0]
-    r.after_step()
+    first = r(x)
+    assert first.experts.flatten().tolist() == [0, 0, 1, 0]  # chosen before the update
     assert r.score_bias.tolist() == [-0.25, 0.25, 0.25]
-    assert r._pending_load is None
-    r.after_step()  # nothing pending: no second update
-    assert r.score_bias.tolist() == [-0.25, 0.25, 0.25]
-    fixed = GroupLimitedRouter(3, 3, 1)  # update_rate 0: the bias never moves, the load is discarded
+    second = r(x)  # a second training pass moves it again, from its own load: the new bias sends every
+    assert second.experts.flatten().tolist() == [1, 1, 1, 1]  # token to expert 1 (ties to the lower index)
+    assert r.score_bias.tolist() == [0.0, 0.0, 0.5]  # load [0, 4, 0], mean 4/3
+    fixed = GroupLimitedRouter(3, 3, 1)  # update_rate 0: the bias never moves
     fixed.train()
     fixed(x)
-    fixed.after_step()
-    assert fixed.score_bias.tolist() == [0.0, 0.0, 0.0] and fixed._pending_load is None
+    assert fixed.score_bias.tolist() == [0.0, 0.0, 0.0]
 
 
 def test_group_limited_scores_keep_float64_and_lift_bfloat16():

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from .._validate import check_int, check_positive_float
 from ..corpus import fixed_windows, random_windows
-from ..training import after_step
 from .transformer import LMConfig, TransformerLM
 
 LN2 = math.log(2.0)
@@ -187,7 +186,6 @@ def train_lm(
         optimizer.zero_grad(set_to_none=True)
         (loss + aux).backward()
         optimizer.step()
-        after_step(model)
         done = step + 1
         history.step.append(done)
         history.train_loss.append(float(loss.detach()))
