@@ -46,7 +46,8 @@ def test_cases_put_the_headline_numbers_first():
     keys = [c.key for c in cases]
     assert len(cases) == 2 * 3 * (2 + 2) and len(set(keys)) == len(keys)
     assert [c.mode for c in cases[:2]] == ["fwd", "fwd"] and {c.routing for c in cases[:8]} == {"router"}
-    assert cases[2].phase == "decode" and cases[6].mode == "fwdbwd"
+    assert [c.mode for c in cases[2:4]] == ["fwdbwd", "fwdbwd"]  # training before decode (issue 15)
+    assert [(c.phase, c.T) for c in cases[4:8]] == [("decode", 64), ("decode", 64), ("decode", 1), ("decode", 1)]
     assert all(c.mode == "fwd" for c in cases if c.phase == "decode")  # decode has no backward
     smoke = H.make_cases(shapes, S.PHASES, S.MODES, S.ROUTINGS, [64], [1], full=False)
     assert {(c.phase, c.mode) for c in smoke if c.routing != "router"} == {("prefill", "fwd")}

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from . import shapes as S
-from .harness import impl_registry, make_cases, run
+from .harness import DEFERRED_IMPLS, impl_registry, make_cases, run
 from .report import format_summary
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip the per-expert Python loops (naive_loop, hf_eager) in fwdbwd above this many experts")
     ap.add_argument("--memory-fraction", type=float, default=0.5,
                     help="CUDA: skip the zero-padded path when it would need more than this share of free memory")
+    ap.add_argument("--defer-impls", default=None,
+                    help="comma-separated implementations run only after every case, while time remains, or none "
+                         f"(default on cuda: {','.join(DEFERRED_IMPLS)}, peers the committed anchors hold; cpu: none)")
     ap.add_argument("--no-ceilings", action="store_true", help="do not measure the dense and copy ceilings")
     ap.add_argument("--out", default=".", help="JSON file (*.json) or folder (default: current folder; file name "
                                                "h200_<date>.json on an H200, cpu_smoke_<date>.json with --smoke)")
@@ -109,6 +112,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a.routing_list = _choices(ap, "--routings", a.routings, list(S.ROUTINGS))
     registry = impl_registry()
     a.impl_list = [registry[n] for n in _choices(ap, "--impls", a.impls, list(registry))]
+    if a.defer_impls is not None and a.defer_impls.strip() == "none":
+        a.defer_list = []
+    elif a.defer_impls is not None:
+        a.defer_list = _choices(ap, "--defer-impls", a.defer_impls, list(registry) + ["none"],
+                                allow_all=False)
+        if "none" in a.defer_list:
+            ap.error("argument --defer-impls: 'none' cannot be combined with implementation names")
     a.prefill = _ints(ap, "--prefill-T", a.prefill_T) if a.prefill_T else list(S.SMOKE_PREFILL_T if a.smoke else S.PREFILL_T)
     a.decode = _ints(ap, "--decode-T", a.decode_T) if a.decode_T else list(S.SMOKE_DECODE_T if a.smoke else S.DECODE_T)
     if a.device is None:
@@ -117,6 +127,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ap.error(f"argument --device: invalid choice {a.device!r}; accepted: cpu, cuda")
     if a.device == "cuda" and not torch.cuda.is_available():
         ap.error("argument --device: cuda requested but torch.cuda.is_available() is False; accepted here: cpu")
+    if a.defer_impls is None:
+        a.defer_list = list(DEFERRED_IMPLS) if a.device == "cuda" else []
     if a.dtype is None:
         a.dtype = "float32" if a.device == "cpu" else "bfloat16"
     if a.dtype not in DTYPES:
@@ -167,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run(cases, a.impl_list, device=device, dtype=DTYPES[a.dtype], smoke=a.smoke, budget_s=a.budget_s,
                  out=out, seed=a.seed, zipf_s=a.zipf_s, ceilings=not a.no_ceilings, timing=timing,
                  max_loop_experts_bwd=a.max_loop_experts_bwd, memory_fraction=a.memory_fraction, config=config,
-                 log=lambda line: print(line, flush=True))
+                 deferred=a.defer_list, log=lambda line: print(line, flush=True))
     print(format_summary(result))
     print(f"wrote {out} ({len(result['cases'])} cases, {time.monotonic() - t0:.1f} s, "
           f"{'complete' if result['complete'] else 'INCOMPLETE: budget spent'})")

@@ -66,14 +66,29 @@ class Case:
         return f"{self.shape.name}/{self.phase}/T={self.T}/{self.mode}/{self.routing}"
 
 
+#: The decode token count run right after the prefill cases (the decode bandwidth target is set at T=64).
+PRIORITY_DECODE_T = 64
+
+
+def case_priority(case: Case, main_routing: str) -> int:
+    """Rank of a case in the run (lower first): with the main routing, prefill forward (0), prefill forward +
+    backward (1), decode at ``T = 64`` (2), the other decode token counts (3); then every case of the other
+    routings (4). The ranking follows the targets: forward speed on prefill, the training speed-up, the
+    decode bandwidth at ``T = 64``."""
+    if case.routing != main_routing:
+        return 4
+    if case.phase == "prefill":
+        return 0 if case.mode == "fwd" else 1
+    return 2 if case.T == PRIORITY_DECODE_T else 3
+
+
 def make_cases(shapes: Sequence[Shape], phases: Sequence[str], modes: Sequence[str], routings: Sequence[str],
                prefill_T: Sequence[int], decode_T: Sequence[int], full: bool = True) -> list[Case]:
-    """All requested cases, most important first, so that a run cut short by its time budget still holds
-    the headline numbers. With ``routings[0]`` (the main routing): prefill forward (priority 0), decode
-    (1), prefill forward + backward (2); then every case of the other routings (3). Decode is forward
-    only (a decode step has no backward). ``full=False`` (smoke runs) keeps, for the other routings,
-    only the prefill forward cases."""
-    ranked = []
+    """All requested cases, most important first (:func:`case_priority`), so that a run cut short by its time
+    budget still holds the headline numbers; within one rank, shapes and token counts keep their order.
+    Decode is forward only (a decode step has no backward). ``full=False`` (smoke runs) keeps, for the
+    other routings, only the prefill forward cases."""
+    cases = []
     for r, routing in enumerate(routings):
         main = r == 0
         for shape in shapes:
@@ -81,12 +96,11 @@ def make_cases(shapes: Sequence[Shape], phases: Sequence[str], modes: Sequence[s
                 for T in prefill_T:
                     for mode in modes:
                         if main or full or mode == "fwd" or "fwd" not in modes:
-                            ranked.append(((0 if mode == "fwd" else 2) if main else 3, Case(shape, "prefill", T, mode, routing)))
+                            cases.append(Case(shape, "prefill", T, mode, routing))
             if "decode" in phases and "fwd" in modes and (main or full):
                 for T in decode_T:
-                    ranked.append((1 if main else 3, Case(shape, "decode", T, "fwd", routing)))
-    ranked.sort(key=lambda pc: pc[0])  # stable: shapes, then T, keep their order within a priority
-    return [c for _, c in ranked]
+                    cases.append(Case(shape, "decode", T, "fwd", routing))
+    return sorted(cases, key=lambda c: case_priority(c, routings[0]))  # stable
 
 
 # --------------------------------------------------------------------------------------- routing
@@ -446,9 +460,10 @@ class BackendRunner(Runner):
 class KernelRunner(Runner):
     """``moe_lib.kernels``: ``permute_metadata`` then ``expert_ffn`` (``fused=False``), or ``fused_moe``
     (router + metadata + FFN, ``fused=True``). If ``impl`` raises and ``fallback`` is set, the runner
-    switches to ``impl="torch"`` for good and records it (``impl_used``, ``note``)."""
+    switches to ``impl="torch"`` for good and records it (``impl_used``, ``note``). The registry's entries
+    never fall back: a Triton failure is recorded as an error, never as a torch time under a Triton name."""
 
-    def __init__(self, p: Problem, grad: bool, impl: str = "triton", fused: bool = False, fallback: bool = True):
+    def __init__(self, p: Problem, grad: bool, impl: str = "triton", fused: bool = False, fallback: bool = False):
         from .. import kernels as K  # ImportError (recorded) where moe_lib.kernels cannot be imported
 
         self.K, self.impl, self.fused, self.fallback = K, impl, fused, fallback
@@ -730,6 +745,8 @@ def run_impl(impl: Impl, p: Problem, ref: dict, opts: dict, ceilings: dict | Non
     runner = None
     stage = "build"
     try:
+        if device.type == "cuda" and impl.uses_triton and _triton_interpreting():
+            raise RuntimeError("TRITON_INTERPRET=1 on a GPU: the kernels would run in the interpreter, not timed")
         runner = impl.build(p, case.backward)
         stage = "check"  # correctness first, on the fresh inputs
         if impl.family != "baseline":
@@ -816,15 +833,38 @@ def run_case(case: Case, impls: Sequence[Impl], opts: dict, ceilings: dict | Non
     return row
 
 
+#: Peers whose H200 numbers the committed anchors (``benchmarks/anchors/``) already hold, and which cost the
+#: most time per case (a Python loop over the experts): on the GPU they run only when time remains.
+DEFERRED_IMPLS = ("naive_loop", "hf_eager")
+DEFERRED = "deferred: a peer the committed anchors hold, run after every case when time remains"
+
+
+def _merge(row: dict, extra: dict, names: Sequence[str]) -> None:
+    """Put ``extra``'s results into ``row`` (table order ``names``), their ratio to ``row``'s dense time."""
+    dense = row["results"].get("dense_equal_flops", {}).get("ms")
+    for name, r in extra.get("results", {}).items():
+        if r.get("ms") is not None:
+            r["ratio_to_dense"] = ratio(dense, r["ms"])
+        row["results"][name] = r
+    row["results"] = {n: row["results"][n] for n in names if n in row["results"]}
+
+
 def run(cases: Sequence[Case], impls: Sequence[Impl], *, device: torch.device, dtype: torch.dtype, smoke: bool,
         budget_s: float, out: Path | None, seed: int = 0, zipf_s: float = 1.2, ceilings: bool = True,
         timing: dict | None = None, max_loop_experts_bwd: int = 64, memory_fraction: float = 0.5,
-        config: dict | None = None, log: Callable[[str], None] = print) -> dict:
+        config: dict | None = None, deferred: Sequence[str] = (), log: Callable[[str], None] = print) -> dict:
     """Run ``cases`` × ``impls`` within ``budget_s`` seconds and write the JSON to ``out`` after every case
-    (so a run killed at its time limit still leaves what it measured). Returns the result dict."""
+    (so a run killed at its time limit still leaves what it measured). Returns the result dict.
+
+    Implementations named in ``deferred`` (e.g. :data:`DEFERRED_IMPLS`) are left out of the first pass over
+    the cases; a second pass runs them, case by case in the same order, while time remains (until then their
+    result says :data:`DEFERRED`; if the budget ends first, ``"time budget spent"``)."""
     start = time.monotonic()
     deadline = start + budget_s
     timing = dict(timing or {})
+    names = [i.name for i in impls]
+    later = [i for i in impls if i.name in set(deferred)]
+    first = [i for i in impls if i not in later]
     opts = {"device": device, "dtype": dtype, "seed": seed, "zipf_s": zipf_s, "timing": timing,
             "max_loop_experts_bwd": max_loop_experts_bwd}
     if device.type == "cuda":
@@ -832,8 +872,8 @@ def run(cases: Sequence[Case], impls: Sequence[Impl], *, device: torch.device, d
         opts["memory_limit_bytes"] = memory_fraction * free
     result = {"schema": SCHEMA, "meta": metadata(device, dtype, smoke),
               "config": {**(config or {}), "budget_s": budget_s, "seed": seed, "zipf_s": zipf_s,
-                         "impls": [i.name for i in impls],
-                         "impl_descriptions": {i.name: i.description for i in impls}, "timing": timing,
+                         "impls": names, "impl_descriptions": {i.name: i.description for i in impls},
+                         "deferred_impls": [i.name for i in later], "timing": timing,
                          "max_loop_experts_bwd": max_loop_experts_bwd},
               "ceilings": None, "cases": [], "complete": False, "elapsed_s": None}
     if ceilings:
@@ -846,6 +886,11 @@ def run(cases: Sequence[Case], impls: Sequence[Impl], *, device: torch.device, d
             result["ceilings_error"] = _error(e)
     from .report import format_case  # the table lines
 
+    def save():
+        result["elapsed_s"] = time.monotonic() - start
+        if out is not None:
+            write_json(result, out)
+
     skipped = 0
     for i, case in enumerate(cases):
         if time.monotonic() > deadline:
@@ -853,17 +898,27 @@ def run(cases: Sequence[Case], impls: Sequence[Impl], *, device: torch.device, d
             result["skipped_cases"] = [c.key for c in cases[i:]]
             log(f"time budget of {budget_s:.0f} s spent: {skipped} case(s) not run")
             break
-        row = run_case(case, impls, opts, result["ceilings"], deadline)
+        row = run_case(case, first, opts, result["ceilings"], deadline)
+        _merge(row, {"results": {im.name: empty_result(skipped=DEFERRED) for im in later}}, names)
         result["cases"].append(row)
-        log(format_case(row, [im.name for im in impls]))
-        result["elapsed_s"] = time.monotonic() - start
-        if out is not None:
-            write_json(result, out)
+        log(format_case(row, names))
+        save()
+    if later:
+        for case, row in zip(cases, result["cases"]):
+            if time.monotonic() > deadline:
+                break
+            if "error" in row:  # its setup failed: nothing to add
+                continue
+            _merge(row, run_case(case, later, opts, result["ceilings"], deadline), names)
+            log(f"(deferred peers) {format_case(row, names)}")
+            save()
+        for row in result["cases"]:
+            for im in later:
+                if row["results"].get(im.name, {}).get("skipped") == DEFERRED:
+                    row["results"][im.name]["skipped"] = "time budget spent before this deferred peer ran"
     result["complete"] = skipped == 0 and all(
         "time budget" not in str(r.get("skipped")) for row in result["cases"] for r in row.get("results", {}).values())
-    result["elapsed_s"] = time.monotonic() - start
-    if out is not None:
-        write_json(result, out)
+    save()
     return result
 
 
@@ -887,4 +942,5 @@ def _clean(obj):
 
 __all__ = ["SCHEMA", "Case", "Impl", "Problem", "Runner", "make_cases", "make_routing", "routing_stats",
            "make_problem", "reference", "relative_error", "impl_registry", "time_ms", "measure_ceilings",
-           "run", "run_case", "ratio", "write_json", "MODES", "PHASES", "ROUTINGS"]
+           "run", "run_case", "ratio", "write_json", "case_priority", "DEFERRED_IMPLS", "MODES", "PHASES",
+           "ROUTINGS"]
