@@ -62,7 +62,7 @@ def test_padding_and_tile_stats_hand_computed():
     assert G.padding_stats(counts, capacity=4)["padded_rows"] == 12
     t = G.tile_stats(counts, 2)
     assert t["tiles"] == 2 + 0 + 3 and t["tile_rows"] == 10 and t["waste"] == pytest.approx(2 / 8)
-    assert t["max_tiles"] == 4 + 3
+    assert t["max_tiles"] == 3 + (8 - 3) // 2  # m + floor((N - m) / M), m = min(E, N): tight (1 + 1 + 3 rows' tiles)
     te, tr = G.tile_schedule(counts, 2)
     assert te.tolist() == [0, 0, 2, 2, 2] and tr.tolist() == [0, 2, 3, 5, 7]
     assert G.padding_stats(torch.tensor([0, 0]))["waste"] == 0.0
