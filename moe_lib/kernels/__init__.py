@@ -43,6 +43,9 @@ else:
     from . import ops as _ops
 
     _IMPORT_ERROR = None
+    from .features import feature_error as _feature_error  # an old triton: say which feature, keep impl='torch'
+    if (_IMPORT_ERROR := _feature_error()) is not None:
+        _ops = None
 
 IMPLS = ("triton", "torch")
 SCORES = ("softmax", "sigmoid")

@@ -14,7 +14,8 @@ covers what only a GPU can show, at the shapes of the benchmark (``T`` small eno
     python -m moe_lib.kernels.gpu_check              # on a CUDA machine; JSON with --out
     python -m moe_lib.kernels.gpu_check --smoke      # tiny shapes; on a CPU in the interpreter (CI)
 
-Exit status 1 if any check fails.
+The JSON (``--out``) is rewritten after every shape (``"complete": false`` until the last), so a run
+stopped by a time limit keeps the shapes it checked. Exit status 1 if any check fails.
 """
 from __future__ import annotations
 
@@ -29,6 +30,14 @@ from ..bench.shapes import SHAPES, SMOKE_SHAPES
 from ..utils import relative_error
 
 LIMIT = 2e-2
+#: Tokens per shape on the GPU (T·k from 1,024 to 4,096 assignments: block_m 16 to 64).
+TOKENS = 512
+
+
+def experts_checked(d: int, f: int, num_experts: int, top_k: int, element_size: int,
+                    max_weight_gb: float = 4.0) -> int:
+    """Experts :func:`check_shape` keeps: all, unless their weights exceed ``max_weight_gb`` (at least ``k``)."""
+    return max(top_k, min(num_experts, int(max_weight_gb * 1e9 // (3 * d * f * element_size))))
 
 
 def check_shape(name, d, f, num_experts, top_k, num_tokens, dtype, device, seed=0, max_weight_gb=4.0) -> dict:
@@ -39,8 +48,8 @@ def check_shape(name, d, f, num_experts, top_k, num_tokens, dtype, device, seed=
     (recorded as ``E_checked``)."""
     from . import expert_ffn, permute_metadata, route
 
-    per_expert = 3 * d * f * torch.tensor([], dtype=dtype).element_size()
-    num_experts = max(top_k, min(num_experts, int(max_weight_gb * 1e9 // per_expert)))
+    num_experts = experts_checked(d, f, num_experts, top_k, torch.tensor([], dtype=dtype).element_size(),
+                                  max_weight_gb)
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(num_tokens, d, generator=g).to(device, dtype)
@@ -93,28 +102,31 @@ def check_shape(name, d, f, num_experts, top_k, num_tokens, dtype, device, seed=
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
+def write(path, meta: dict, rows: list, complete: bool) -> None:
+    """Write the results so far (atomically: a temporary file renamed)."""
+    import os
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump({"meta": meta, "rows": rows, "complete": complete}, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None, check=None) -> int:
+    """``check``: the per-shape function (default :func:`check_shape`; tests pass a fake)."""
+    check = check or check_shape
     parser = argparse.ArgumentParser(description="Check moe_lib's Triton kernels on this device.")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (the CPU runs them in the interpreter)")
-    parser.add_argument("--tokens", type=int, default=None, help="tokens per shape (default 512; 48 with --smoke)")
-    parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help=f"tokens per shape (default {TOKENS}; 48 with --smoke)")
+    parser.add_argument("--out", default=None, help="write the results as JSON to this file (after every shape)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke:
         parser.error("without CUDA only --smoke is possible (the kernels run in Triton's interpreter)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = (SMOKE_SHAPES if args.smoke else SHAPES).values()
-    num_tokens = args.tokens or (48 if args.smoke else 512)
-    rows = []
-    for shape in shapes:
-        try:
-            rows.append(check_shape(shape.name, shape.d, shape.f, shape.E, shape.k, num_tokens, dtype, device))
-        except Exception as err:  # report every shape
-            rows.append({"shape": shape.name, "ok": False, "error": f"{type(err).__name__}: {str(err)[:300]}"})
-        r = rows[-1]
-        errs = " ".join(f"{k[7:]}={v:.1e}" for k, v in r.items() if k.startswith("relerr_"))
-        print(f"{r['shape']:14} {'ok  ' if r['ok'] else 'FAIL'} {errs} deterministic={r.get('deterministic')} "
-              f"host_syncs={r.get('host_syncs_forward')} {r.get('error', '')}", flush=True)
+    num_tokens = args.tokens or (48 if args.smoke else TOKENS)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "dtype": str(dtype), "tokens": num_tokens, "limit": LIMIT}
     try:
@@ -123,11 +135,21 @@ def main(argv: list[str] | None = None) -> int:
         meta["triton"] = triton.__version__
     except ImportError:
         pass
+    rows = []
+    for shape in shapes:
+        try:
+            rows.append(check(shape.name, shape.d, shape.f, shape.E, shape.k, num_tokens, dtype, device))
+        except Exception as err:  # report every shape
+            rows.append({"shape": shape.name, "ok": False, "error": f"{type(err).__name__}: {str(err)[:300]}"})
+        r = rows[-1]
+        errs = " ".join(f"{k[7:]}={v:.1e}" for k, v in r.items() if k.startswith("relerr_"))
+        print(f"{r['shape']:14} {'ok  ' if r['ok'] else 'FAIL'} {errs} deterministic={r.get('deterministic')} "
+              f"host_syncs={r.get('host_syncs_forward')} {r.get('error', '')}", flush=True)
+        if args.out:
+            write(args.out, meta, rows, complete=False)
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+        write(args.out, meta, rows, complete=True)
     return 0 if all(r["ok"] for r in rows) else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())
