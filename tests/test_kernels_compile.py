@@ -148,3 +148,29 @@ def test_an_old_triton_makes_the_kernels_unavailable_with_a_clear_error():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "lacks tl.sort" in out.stdout and "triton >= 3.4" in out.stdout and "impl='torch'" in out.stdout
+
+
+@pytest.mark.slow
+def test_warm_up_fills_the_cache_that_a_second_compile_finds(tmp_path):
+    """``--warm`` (run_h200.sh step 2) on a small case list: every record compiles into the given Triton cache,
+    and compiling a record again is a cache hit (no ptxas run, so no register report): the key a launch
+    computes is the same, because the records carry the launch's own signature, constexprs and options."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "warm.json"
+    code = ("import sys, moe_lib.kernels.compile_check as cc; from moe_lib.bench.shapes import Shape\n"
+            "cc.coverage_cases = lambda: [(Shape('t', 64, 64, 8, 2), 4, 'fwd', 'fused_moe')]\n"
+            f"assert cc.main(['--warm', '--arch', '90', '--workers', '2', '--json', {str(out)!r}]) == 0\n"
+            "again = cc.compile_record(cc.collect(cc.coverage_cases())[0])\n"
+            "print('@@', again['ok'], again['regs'], again['compile_s'])\n")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["kernel"] for r in rows} >= {"router", "metadata_small", "up", "down", "combine"}
+    assert all(r["ok"] and r["regs"] for r in rows), rows  # compiled now, ptxas reported
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("@@"))
+    assert line.split()[1:3] == ["True", "None"], line  # the second compile found the cached kernel
+    assert "warm-up: " in proc.stdout and "compiled in" in proc.stdout
