@@ -284,6 +284,66 @@ def test_each_kernel_matches_its_reference(case):
     torch.testing.assert_close(dwd, K.reference.wgrad_ref(scaled_h, dy_rows, off), **close)
 
 
+def _skewed_experts(num_tokens, top_k, num_experts, hot=2, seed=0):
+    """Zipf-like routing: expert ``hot`` is every token's first choice, the rest spread by a power law."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(num_tokens, num_experts, generator=g) / torch.arange(1, num_experts + 1) ** 1.5
+    scores[:, hot] += 10
+    return torch.topk(scores, top_k, dim=1).indices.to(torch.int32)
+
+
+@pytest.mark.parametrize("split_rows", [16, 32, 1000], ids=["split16", "split32", "unsplit"])
+def test_wgrad_split_k_matches_reference_and_is_deterministic(split_rows):
+    """A hot expert (every token's first choice: 45 of 90 rows) cut into units of 16/32 rows that write
+    float32 partials summed in a fixed order; empty experts still get zeros. Equal to the reference, and
+    bitwise equal across runs."""
+    from moe_lib.kernels import ops
+
+    num_experts, k = 8, 2
+    experts = _skewed_experts(45, k, num_experts)
+    experts[experts == 6] = 5  # expert 6 empty (every first choice is 2, so the pair stays distinct)
+    meta = K.permute_metadata(experts, num_experts, 16)
+    assert int(meta.counts[2]) == 45 and int(meta.counts[6]) == 0
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(45, 24, generator=g)
+    wflat = torch.rand(45 * k, generator=g)
+    dy = torch.randn(45, 40, generator=g)
+    ra = meta.row_assignment.long()
+    h = torch.randn(meta.num_assignments, 36, generator=g)
+    b2 = torch.randn(meta.num_assignments, 36, generator=g)
+    runs = []
+    for _ in range(2):
+        dwa, dwb = torch.full((num_experts, 24, 36), float("nan")), torch.full((num_experts, 24, 36), float("nan"))
+        ops.wgrad(x, h, dwa, wflat, meta, True, False, False, b2=b2, out2=dwb, split_rows=split_rows)
+        dwd = ops.wgrad(h, dy, torch.full((num_experts, 36, 40), float("nan")), wflat, meta, False, True, True,
+                        split_rows=split_rows)
+        runs.append((dwa, dwb, dwd))
+    close = {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(runs[0][0], K.reference.wgrad_ref(x[ra // k], h, meta.offsets), **close)
+    torch.testing.assert_close(runs[0][1], K.reference.wgrad_ref(x[ra // k], b2, meta.offsets), **close)
+    scaled = h * wflat[ra].unsqueeze(-1)
+    torch.testing.assert_close(runs[0][2], K.reference.wgrad_ref(scaled, dy[ra // k], meta.offsets), **close)
+    assert torch.all(runs[0][0][6] == 0) and torch.all(runs[0][2][6] == 0)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_wgrad_split_rows_spreads_a_hot_expert():
+    """The split is chosen from N, E and the output size (no host read): on Qwen3-30B-A3B's down projection
+    (E=128, dW_d 768×2048: 96 output blocks of 128×128) an expert holding all 32k rows spreads over ≥ 264
+    programs, balanced experts are never split, partials stay under half of a bf16 dW, and a shape whose
+    expert already has ≥ 264 blocks (DeepSeek-V3) is not split."""
+    from moe_lib.kernels import config
+
+    gpu = {"BM": 128, "BN": 128, "BK": 64}
+    n, e = 4096 * 8, 128
+    r = config.wgrad_split_rows(n, e, 768, 2048, gpu, min_rows=256)
+    assert r % 64 == 0 and r > 8 * n // e - 64       # balanced experts (n/E rows) stay whole
+    assert -(-n // r) * 96 >= 264                     # the hot expert's units × blocks
+    assert (2 * n // r) * 768 * 2048 * 4 <= e * 768 * 2048 * 2 / 2
+    assert config.wgrad_split_rows(n, 256, 7168, 2048, gpu, min_rows=256) >= n
+
+
 @pytest.mark.parametrize("activation", ["gelu", "relu", "tanh"])
 def test_expert_ffn_other_activations(activation):
     x, weights, meta, ws = _ffn_case("random", 24, 2, 4, 16, 32, torch.float32)

@@ -65,6 +65,35 @@ def gemm_meta(kind: str, block_m: int) -> dict:
     return {"BN": 64, "BK": 128, "num_warps": 4, "num_stages": 5}
 
 
+#: Rows a split unit of the weight gradient reduces at least (its pipeline prologue must pay off).
+WGRAD_MIN_SPLIT_ROWS = 256
+#: Programs a hot expert's weight gradient should spread over: two waves of the H200's 132 SMs.
+WGRAD_TARGET_PROGRAMS = 264
+
+
+def wgrad_split_rows(num_rows: int, num_experts: int, m: int, n_out: int, meta: dict | None = None,
+                     min_rows: int | None = None) -> int:
+    """Rows per unit ``R`` of the weight-gradient GEMM's deterministic split-K, from the shapes only.
+
+    One expert's ``dW[e]`` (``m × n_out``) has ``⌈m/BM⌉·⌈n_out/BN⌉`` output blocks; when one expert takes most
+    of the ``N`` rows (Zipf-skewed routing) only that many programs work. An expert with ``n_e > R`` rows is
+    cut into ``⌈n_e / R⌉`` units, so ``R`` is chosen for an expert holding all ``N`` rows to spread over
+    about :data:`WGRAD_TARGET_PROGRAMS` programs, with two limits: ``R ≥`` :data:`WGRAD_MIN_SPLIT_ROWS`, and
+    the float32 partials (``< 2N/R`` slots of ``m × n_out``) stay within half the bytes of a bfloat16
+    ``dW`` (``≤ E/4`` slots). Balanced routing (``n_e ≈ N/E``) then never splits on fine-grained shapes: with
+    ``E/4`` slots a unit holds at least ``8N/E`` rows. Returns ``R ≥ N`` when no split helps."""
+    meta = meta or gemm_meta("wgrad", 0)
+    blocks = -(-m // meta["BM"]) * -(-n_out // meta["BN"])
+    want = -(-WGRAD_TARGET_PROGRAMS // blocks)          # units for an expert that holds every row
+    if want <= 1 or num_rows == 0:
+        return max(num_rows, 1)
+    if min_rows is None:  # the interpreter's tiny tests split at one BK
+        min_rows = meta["BK"] if interpreting() else WGRAD_MIN_SPLIT_ROWS
+    budget = max(num_experts // 4, 1)                   # partial slots allowed
+    rows = max(min_rows, -(-num_rows // want), -(-2 * num_rows // budget))
+    return -(-rows // meta["BK"]) * meta["BK"]
+
+
 def autotune_configs(kind: str) -> list[dict]:
     """Candidate ``(BN, BK, num_warps, num_stages)`` for :func:`triton.autotune` (``block_m`` fixed)."""
     if kind == "wgrad":

@@ -30,7 +30,7 @@ def _tuned(kind: str):
     """An autotuned copy of a GEMM kernel (``MOE_LIB_AUTOTUNE=1``), keyed on the sizes that matter."""
     kernel = tk.GEMM_KERNELS[kind]
     keys = {"up": ["d", "f", "BM"], "down": ["K1", "K2", "n_out", "BM"], "dh": ["d_out", "f", "BM"],
-            "wgrad": ["M", "n_out"]}[kind]
+            "wgrad": ["M", "n_out", "SPLIT"]}[kind]
     configs = []
     for c in config.autotune_configs(kind):
         c = dict(c)
@@ -233,21 +233,60 @@ def ffn_forward(x, weights_flat, w_gate, w_up, w_down, meta, act: str, save_gu: 
 
 
 def wgrad(a: Tensor, b: Tensor, out: Tensor, weights_flat, meta, gather_a: bool, gather_b: bool, scale_a: bool,
-          b2: Tensor | None = None, out2: Tensor | None = None):
+          b2: Tensor | None = None, out2: Tensor | None = None, split_rows: int | None = None):
     """``_wgrad_kernel``: ``out[e] = Σ_{rows r of e} (w·) A_rᵀ B_r`` (and ``out2`` from ``b2`` with the same A
     tiles); rows of A/B are grouped rows or, with ``gather_*``, their tokens.
+
+    An expert with more than ``split_rows`` rows (default :func:`config.wgrad_split_rows`, from ``N``, ``E``
+    and the output size: no count is read back) is cut into units of ``split_rows`` rows that run in parallel
+    and write float32 partials, summed in a fixed order by ``_wgrad_reduce_kernel`` — a deterministic
+    split-K. The grid is sized from the bound ``E + ⌊N / split_rows⌋`` on the units.
     Reference: :func:`~moe_lib.kernels.reference.wgrad_ref`."""
     m, n_out = out.shape[1], out.shape[2]
+    n, num_experts = meta.num_assignments, meta.num_experts
     two = b2 is not None
-    if config.autotuning():
-        def grid(c):
-            return (meta.num_experts, triton.cdiv(m, c["BM"]), triton.cdiv(n_out, c["BN"]))
+    c = _meta("wgrad", 0)
+    if split_rows is None:
+        split_rows = config.wgrad_split_rows(n, num_experts, m, n_out, c)
+    split = n > split_rows
+    dummy = meta.offsets
+    part = part2 = out
+    if split:
+        max_units = num_experts + n // split_rows        # Σ max(1, ⌈n_e / R⌉) ≤ E + ⌊N / R⌋
+        max_split = n // (split_rows + 1)                 # a split expert holds more than R rows
+        max_partials = 2 * n // split_rows                # Σ_{n_e > R} ⌈n_e / R⌉ < 2N / R
+        device = out.device
+        unit_expert = torch.empty(max_units, dtype=torch.int32, device=device)
+        unit_rows = torch.empty(max_units, 2, dtype=torch.int32, device=device)
+        unit_partial = torch.empty(max_units, dtype=torch.int32, device=device)
+        split_expert = torch.empty(max_split, dtype=torch.int32, device=device)
+        split_first = torch.empty_like(split_expert)
+        split_count = torch.empty_like(split_expert)
+        block_e = _pow2(num_experts)
+        block_s = max(1, min(64, 8192 // block_e))
+        tk._wgrad_schedule_kernel[(triton.cdiv(max(max_units, max_split), block_s),)](
+            meta.counts, meta.offsets, unit_expert, unit_rows, unit_partial, split_expert, split_first,
+            split_count, num_experts, max_units, max_split, split_rows, BE=block_e, BS=block_s)
+        part = torch.empty(max_partials, m, n_out, dtype=torch.float32, device=device)
+        part2 = torch.empty_like(part) if two else part
+        units = (unit_expert, unit_rows, unit_partial)
     else:
-        c = _meta("wgrad", 0)
-        grid = (meta.num_experts, triton.cdiv(m, c["BM"]), triton.cdiv(n_out, c["BN"]))
-    _launch("wgrad", grid, a, b, b2 if two else b, out, out2 if two else out, weights_flat, meta.row_assignment,
-            meta.offsets, meta.top_k, m, n_out, a.stride(0), b.stride(0), out.stride(0), out.stride(1),
-            out.stride(2), GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a, TWO_B=two)
+        max_units = num_experts
+        units = (dummy, dummy, dummy)
+    if config.autotuning():
+        def grid(cfg):
+            return (max_units * triton.cdiv(m, cfg["BM"]) * triton.cdiv(n_out, cfg["BN"]),)
+    else:
+        grid = (max_units * triton.cdiv(m, c["BM"]) * triton.cdiv(n_out, c["BN"]),)
+    _launch("wgrad", grid, a, b, b2 if two else b, out, out2 if two else out, part, part2, weights_flat,
+            meta.row_assignment, meta.offsets, *units, meta.top_k, m, n_out, a.stride(0), b.stride(0),
+            out.stride(0), out.stride(1), out.stride(2), m * n_out,
+            GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a, TWO_B=two, SPLIT=split)
+    if split:
+        bm, bn = (32, 32) if config.interpreting() else (64, 128)
+        tk._wgrad_reduce_kernel[(max_split * triton.cdiv(m, bm) * triton.cdiv(n_out, bn),)](
+            part, part2, out, out2 if two else out, split_expert, split_first, split_count, m, n_out, m * n_out,
+            out.stride(0), out.stride(1), out.stride(2), TWO_B=two, BM=bm, BN=bn)
     return out
 
 

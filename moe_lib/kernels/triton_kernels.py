@@ -384,20 +384,92 @@ def _dh_kernel(DY, WD, GU, Weights, DGU, DWPartial, RowAssignment, TileExpert, T
 
 
 @triton.jit
-def _wgrad_kernel(A, B, B2, DW, DW2, Weights, RowAssignment, Offsets, top_k, M, n_out,
-                  stride_a, stride_b, stride_dwe, stride_dwm, stride_dwn,
+def _wgrad_schedule_kernel(Counts, Offsets, UnitExpert, UnitRows, UnitPartial, SplitExpert, SplitFirst, SplitCount,
+                           E, MAX_UNITS, MAX_SPLIT, R, BE: tl.constexpr, BS: tl.constexpr):
+    """Work units of the weight-gradient GEMM: expert ``e`` is cut into ``max(1, ⌈n_e / R⌉)`` units of at most
+    ``R`` consecutive rows (an empty expert keeps one unit, which writes its zeros). A unit of an expert with
+    one unit writes ``dW[e]`` directly; the units of a *split* expert (``n_e > R``) write float32 partials to
+    consecutive slots, which :func:`_wgrad_reduce_kernel` sums in unit order. Per slot block of ``BS``: the
+    unit table (expert or -1, rows ``[r0, r1)``, partial slot or -1) and the split-expert table (expert or -1,
+    first partial slot, number of partials). Each program recomputes the cumulative sums over ``E``."""
+    re = tl.arange(0, BE)
+    emask = re < E
+    counts = tl.load(Counts + re, mask=emask, other=0)
+    starts = tl.load(Offsets + re, mask=emask, other=0)
+    units = tl.where(emask, tl.maximum((counts + R - 1) // R, 1), 0)
+    unit_ends = tl.cumsum(units, axis=0)
+    unit_starts = unit_ends - units
+    heavy = units >= 2
+    partials = tl.where(heavy, units, 0)
+    partial_starts = tl.cumsum(partials, axis=0) - partials
+    heavy_ends = tl.cumsum(heavy.to(tl.int32), axis=0)
+    slots = tl.program_id(0) * BS + tl.arange(0, BS)
+    # unit slots: expert = number of experts whose units end at or before the slot
+    e = tl.sum((tl.where(emask, unit_ends, 2147483647)[None, :] <= slots[:, None]).to(tl.int32), axis=1)
+    pick = re[None, :] == e[:, None]
+    s = slots - tl.sum(tl.where(pick, unit_starts[None, :], 0), axis=1)
+    start = tl.sum(tl.where(pick, starts[None, :], 0), axis=1)
+    r0 = start + s * R
+    r1 = tl.minimum(r0 + R, start + tl.sum(tl.where(pick, counts[None, :], 0), axis=1))
+    split = tl.sum(tl.where(pick & heavy[None, :], 1, 0), axis=1) > 0
+    used = e < E
+    umask = slots < MAX_UNITS
+    tl.store(UnitExpert + slots, tl.where(used, e, -1), mask=umask)
+    tl.store(UnitRows + 2 * slots, tl.where(used, r0, 0), mask=umask)
+    tl.store(UnitRows + 2 * slots + 1, tl.where(used, r1, 0), mask=umask)
+    first = tl.sum(tl.where(pick, partial_starts[None, :], 0), axis=1)
+    tl.store(UnitPartial + slots, tl.where(used & split, first + s, -1), mask=umask)
+    # split-expert slots: the i-th expert with n_e > R
+    h = tl.sum((tl.where(emask, heavy_ends, 2147483647)[None, :] <= slots[:, None]).to(tl.int32), axis=1)
+    hpick = re[None, :] == h[:, None]
+    hused = h < E
+    smask = slots < MAX_SPLIT
+    tl.store(SplitExpert + slots, tl.where(hused, h, -1), mask=smask)
+    tl.store(SplitFirst + slots, tl.sum(tl.where(hpick, partial_starts[None, :], 0), axis=1), mask=smask)
+    tl.store(SplitCount + slots, tl.sum(tl.where(hpick, units[None, :], 0), axis=1), mask=smask)
+
+
+@triton.jit
+def _wgrad_kernel(A, B, B2, DW, DW2, Partial, Partial2, Weights, RowAssignment, Offsets, UnitExpert, UnitRows,
+                  UnitPartial, top_k, M, n_out, stride_a, stride_b, stride_dwe, stride_dwm, stride_dwn, stride_p,
                   GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, TWO_B: tl.constexpr,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                  SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  GROUP: tl.constexpr = 8):
     """``dW[e] = Σ_{rows r of e} (w_r ·) A_rᵀ B_r`` for one ``BM × BN`` block of expert ``e``'s weight.
 
-    A row is a grouped row, or the token it came from (``GATHER``). The reduction runs over the expert's
-    rows, whose bounds come from ``Offsets`` on the device; an empty expert writes zeros. ``TWO_B`` also
-    computes ``dW2[e] = Σ A_rᵀ B2_r`` from the same A tiles (``dW_g`` and ``dW_u`` share the gathered x)."""
-    e = tl.program_id(0)
-    r0 = tl.load(Offsets + e)
-    r1 = tl.load(Offsets + e + 1)
-    rm = tl.program_id(1) * BM + tl.arange(0, BM)
-    rn = tl.program_id(2) * BN + tl.arange(0, BN)
+    A row is a grouped row, or the token it came from (``GATHER``). The 1-D grid puts the work unit on the
+    slow axis: consecutive programs are the output blocks of one unit (they read the same rows of ``A`` and
+    ``B``), in groups of ``GROUP`` block rows (the grouped ordering of Triton's matmul tutorial) so each
+    column block of ``A`` and ``B`` is reused from L2. Without ``SPLIT`` a unit is an expert, its rows
+    ``Offsets[e]:Offsets[e+1]``; with ``SPLIT`` a unit is a row range from :func:`_wgrad_schedule_kernel` —
+    a heavy expert's units reduce disjoint rows in parallel and store float32 partials (deterministic
+    split-K: no atomics, summed in a fixed order by :func:`_wgrad_reduce_kernel`). An empty expert writes
+    zeros. ``TWO_B`` also computes ``dW2[e] = Σ A_rᵀ B2_r`` from the same A tiles."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(n_out, BN)
+    per_unit = num_m * num_n
+    unit = pid // per_unit
+    t = pid % per_unit
+    per_group = GROUP * num_n
+    first_m = (t // per_group) * GROUP
+    size = tl.minimum(num_m - first_m, GROUP)
+    pm = first_m + (t % per_group) % size
+    pn = (t % per_group) // size
+    if SPLIT:
+        e = tl.load(UnitExpert + unit)
+        r0 = tl.load(UnitRows + 2 * unit)
+        r1 = tl.load(UnitRows + 2 * unit + 1)
+        slot = tl.load(UnitPartial + unit)
+    else:
+        e = unit
+        r0 = tl.load(Offsets + e)
+        r1 = tl.load(Offsets + e + 1)
+        slot = -1
+    if e < 0:
+        return
+    rm = pm * BM + tl.arange(0, BM)
+    rn = pn * BN + tl.arange(0, BN)
     mmask = rm < M
     nmask = rn < n_out
     acc = tl.zeros((BM, BN), tl.float32)
@@ -424,8 +496,46 @@ def _wgrad_kernel(A, B, B2, DW, DW2, Weights, RowAssignment, Offsets, top_k, M, 
         acc = tl.dot(at, tl.load(B + b_off, mask=bmask, other=0.0), acc)
         if TWO_B:
             acc2 = tl.dot(at, tl.load(B2 + b_off, mask=bmask, other=0.0), acc2)
-    out = _offset64(e, stride_dwe) + _offset64(rm, stride_dwm)[:, None] + rn[None, :] * stride_dwn
     omask = mmask[:, None] & nmask[None, :]
+    if slot >= 0:  # one of a split expert's units: a float32 partial, summed later in unit order
+        p_off = _offset64(slot, stride_p) + _offset64(rm, n_out)[:, None] + rn[None, :]
+        tl.store(Partial + p_off, acc, mask=omask)
+        if TWO_B:
+            tl.store(Partial2 + p_off, acc2, mask=omask)
+    else:
+        out = _offset64(e, stride_dwe) + _offset64(rm, stride_dwm)[:, None] + rn[None, :] * stride_dwn
+        tl.store(DW + out, acc.to(DW.dtype.element_ty), mask=omask)
+        if TWO_B:
+            tl.store(DW2 + out, acc2.to(DW2.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _wgrad_reduce_kernel(Partial, Partial2, DW, DW2, SplitExpert, SplitFirst, SplitCount, M, n_out, stride_p,
+                         stride_dwe, stride_dwm, stride_dwn,
+                         TWO_B: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """``dW[e] = Σ_s partial[first_e + s]`` for the split experts, ``s`` in increasing order (the same sum,
+    bit for bit, on every run), in float32, cast once."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(n_out, BN)
+    i = pid // (num_m * num_n)
+    t = pid % (num_m * num_n)
+    e = tl.load(SplitExpert + i)
+    if e < 0:
+        return
+    first = tl.load(SplitFirst + i)
+    count = tl.load(SplitCount + i)
+    rm = (t // num_n) * BM + tl.arange(0, BM)
+    rn = (t % num_n) * BN + tl.arange(0, BN)
+    omask = (rm < M)[:, None] & (rn < n_out)[None, :]
+    block = _offset64(rm, n_out)[:, None] + rn[None, :]
+    acc = tl.zeros((BM, BN), tl.float32)
+    acc2 = tl.zeros((BM, BN), tl.float32)
+    for s in range(0, count):
+        acc += tl.load(Partial + _offset64(first + s, stride_p) + block, mask=omask, other=0.0)
+        if TWO_B:
+            acc2 += tl.load(Partial2 + _offset64(first + s, stride_p) + block, mask=omask, other=0.0)
+    out = _offset64(e, stride_dwe) + _offset64(rm, stride_dwm)[:, None] + rn[None, :] * stride_dwn
     tl.store(DW + out, acc.to(DW.dtype.element_ty), mask=omask)
     if TWO_B:
         tl.store(DW2 + out, acc2.to(DW2.dtype.element_ty), mask=omask)
@@ -459,5 +569,7 @@ OTHER_KERNELS = {
     "metadata_small": _metadata_small_kernel,
     "scatter": _scatter_kernel,
     "combine": _combine_kernel,
+    "wgrad_schedule": _wgrad_schedule_kernel,
+    "wgrad_reduce": _wgrad_reduce_kernel,
 }
 __all__ = ["config", "GEMM_KERNELS", "OTHER_KERNELS"]
