@@ -197,6 +197,10 @@ class Dispatcher(nn.Module):
         """The capacity this dispatcher applies (``None``: it drops nothing)."""
         return None
 
+    def expert_inputs(self, tokens: Tensor, routing: Routing) -> Tensor:
+        """The rows the experts see before grouping: the tokens themselves (Soft MoE: its slots)."""
+        return tokens
+
     def forward(self, experts: nn.Module, tokens: Tensor, routing: Routing,
                 backend: Backend) -> tuple[Tensor, DispatchPlan]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -245,8 +249,11 @@ class SlotDispatcher(Dispatcher):
 
     name = "slots"
 
+    def expert_inputs(self, tokens, routing):
+        """The slots: ``Dᵀ X`` (each a convex mixture of the tokens)."""
+        return routing.dispatch.t().to(tokens.dtype) @ tokens
+
     def forward(self, experts, tokens, routing, backend):
         plan = slot_plan(routing.num_experts, routing.slots_per_expert, tokens.device)
-        slots_in = routing.dispatch.t().to(tokens.dtype) @ tokens
-        slots_out = backend(experts, slots_in, plan)
+        slots_out = backend(experts, self.expert_inputs(tokens, routing), plan)
         return routing.combine.to(slots_out.dtype) @ slots_out, plan

@@ -175,10 +175,11 @@ class MoELayer(nn.Module):
         self.z_loss_coef = check_nonnegative_float("z_loss_coef", z_loss_coef)
         self.importance_loss_coef = check_nonnegative_float("importance_loss_coef", importance_loss_coef)
         self.load_loss_coef = check_nonnegative_float("load_loss_coef", load_loss_coef)
-        if self.load_loss_coef > 0 and router != "noisy_topk":
+        if self.load_loss_coef > 0 and not router_cls.smooth_load:
+            takes = sorted(name for name, cls in ROUTERS.items() if cls.smooth_load)
             raise ValueError(
-                f"load_loss_coef > 0 needs router='noisy_topk' (Shazeer's smooth load is defined by the "
-                f"router noise), got router={router!r}; use aux_loss_coef for other routers"
+                f"load_loss_coef > 0 needs a router with Shazeer's smooth load (defined by the router noise): "
+                f"router in {takes}, got router={router!r}; use aux_loss_coef for other routers"
             )
         expert_accepts = {} if ready_experts is not None else inspect.signature(EXPERTS[expert].__init__).parameters
         if activation is not None and ready_experts is None:
@@ -375,14 +376,8 @@ class MoELayer(nn.Module):
         Soft MoE has no per-token expert count: its ``S = E·p`` slots are shared by the batch, so the cost
         per token depends on ``num_tokens`` ``T`` (required there): the router's slot logits, dispatch and
         combine matmuls, and ``S/T`` expert passes (Puigcerver et al. 2024)."""
-        if self.router.name == "soft":
-            if num_tokens is None:
-                raise ValueError("router='soft' shares its slots across the batch: pass num_tokens (T) to "
-                                 "active_flops_per_token")
-            num_tokens = check_int("num_tokens", num_tokens, minimum=1)
-            slots = self.num_experts * self.router.slots_per_expert
-            return self.router.flops_per_token() + slots / num_tokens * self.experts.flops_per_token()
-        return self.router.flops_per_token() + self.top_k * self.experts.flops_per_token()
+        passes = self.router.expert_passes_per_token(num_tokens)
+        return self.router.flops_per_token() + passes * self.experts.flops_per_token()
 
     def num_parameters(self) -> dict[str, int]:
         """Total parameters and those one token uses (gate + ``k`` of the ``E`` experts)."""

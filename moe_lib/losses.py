@@ -140,7 +140,7 @@ _TERMS = {
     "load_balance": (_always, lambda r: load_balancing_loss(r.probs, r.experts, r.valid)),
     "z_loss": (_always, lambda r: router_z_loss(r.logits)),
     "importance": (_always, lambda r: importance_loss(r.dense_weights())),
-    "load": (lambda r: r.noise_std is not None,
+    "load": (lambda r: getattr(r, "noise_std", None) is not None,  # the noisy router's NoisyRouting
              lambda r: load_loss(r.clean_logits, r.logits, r.noise_std, r.top_k)),
 }
 

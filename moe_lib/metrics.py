@@ -199,7 +199,7 @@ def routing_flops_per_token(layer: torch.nn.Module, x: Tensor, token_ids: Tensor
     with FlopCounterMode(display=False) as whole:
         _, info = layer(tokens, return_info=True, token_ids=ids)
     routing = info.routing
-    inputs = routing.dispatch.t().to(tokens.dtype) @ tokens if routing.is_soft else tokens
+    inputs = layer.dispatcher.expert_inputs(tokens, routing)
     with FlopCounterMode(display=False) as experts:
         BACKENDS[layer.backend](layer.experts, inputs, info.plan)
     return (whole.get_total_flops() - experts.get_total_flops()) / max(1, tokens.shape[0])

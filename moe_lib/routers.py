@@ -90,11 +90,10 @@ class Routing:
         experts: ``[T, k]`` int64 ids of the chosen experts, distinct within a row.
         weights: ``[T, k]`` float32 combine weights (``>= 0``; 0 where ``valid`` is false).
         valid: optional ``[T, k]`` bool, which entries are real assignments (``None``: all of them).
-        clean_logits, noise_std: ``[T, E]`` ``x W_g`` and ``softplus(x W_noise)`` of the noisy top-k
-            router (``None`` otherwise), for the smooth load estimator of Shazeer et al. (2017, eq. 9).
-        dispatch, combine: ``[T, E·p]`` Soft MoE weights (``None`` for every other router): column ``s``
-            of ``dispatch`` sums to 1 over tokens, row ``t`` of ``combine`` sums to 1 over slots.
-        slots_per_expert: ``p`` of Soft MoE (0 otherwise).
+
+    What only one router produces lives in that router's subclass of ``Routing``: :class:`NoisyRouting`
+    (the noisy top-k router's clean logits and noise scale) and :class:`SoftRouting` (Soft MoE's dispatch
+    and combine weights), so a new router adds its own subclass instead of a field every router carries.
     """
 
     logits: Tensor
@@ -102,11 +101,9 @@ class Routing:
     experts: Tensor
     weights: Tensor
     valid: Tensor | None = None
-    clean_logits: Tensor | None = None
-    noise_std: Tensor | None = None
-    dispatch: Tensor | None = None
-    combine: Tensor | None = None
-    slots_per_expert: int = 0
+
+    #: tokens reach the experts through mixtures (Soft MoE's slots), not by assignment
+    is_soft = False
 
     @property
     def num_tokens(self) -> int:
@@ -120,10 +117,6 @@ class Routing:
     def num_experts(self) -> int:
         return self.probs.shape[1]
 
-    @property
-    def is_soft(self) -> bool:
-        return self.dispatch is not None
-
     def mask(self) -> Tensor:
         """``[T, k]`` bool: which entries of ``experts`` are assignments (all true unless ``valid`` says)."""
         if self.valid is None:
@@ -134,6 +127,36 @@ class Routing:
         """The combine weights scattered into a ``[T, E]`` matrix (zeros for experts not chosen)."""
         out = torch.zeros_like(self.probs)
         return out.scatter(1, self.experts, self.weights * self.mask().to(self.weights.dtype))
+
+
+@dataclass
+class NoisyRouting(Routing):
+    """The noisy top-k router's decision (Shazeer et al. 2017, eq. 3–5), with what its smooth load
+    estimator needs (eq. 9–10).
+
+    Attributes:
+        clean_logits: ``[T, E]`` ``x W_g`` before the noise (``logits`` are the noisy ones in training).
+        noise_std: ``[T, E]`` ``softplus(x W_noise)``, the scale of the Gaussian noise.
+    """
+
+    clean_logits: Tensor | None = None
+    noise_std: Tensor | None = None
+
+
+@dataclass
+class SoftRouting(Routing):
+    """Soft MoE's decision (Puigcerver et al. 2024, eq. 1–3): every token reaches every expert's slots.
+
+    Attributes:
+        dispatch: ``[T, E·p]``; column ``s`` sums to 1 over tokens (slot ``s`` is a mixture of the tokens).
+        combine: ``[T, E·p]``; row ``t`` sums to 1 over slots (token ``t``'s output mixes the slot outputs).
+        slots_per_expert: ``p``.
+    """
+
+    dispatch: Tensor | None = None
+    combine: Tensor | None = None
+    slots_per_expert: int = 1
+    is_soft = True
 
 
 def _every_expert(router: str, what: str, top_k: int | None, num_experts: int, hint: str) -> int:
@@ -165,6 +188,8 @@ class Router(nn.Module):
     owns_capacity = False
     #: a capacity can drop this router's assignments (False: ``capacity_factor`` has no meaning for it)
     uses_capacity = True
+    #: the routing carries Shazeer's smooth load estimate (the load loss, ``load_loss_coef``, needs it)
+    smooth_load = False
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, *, bias: bool = False,
                  router_dtype: str = "float32"):
@@ -200,6 +225,11 @@ class Router(nn.Module):
     def flops_per_token(self) -> int:
         """Matmul FLOPs of the router for one token (2 per multiply-add)."""
         return 2 * self.d_model * self.gate.out_features
+
+    def expert_passes_per_token(self, num_tokens: int | None = None) -> float:
+        """Expert FFN passes one token costs on average: ``k`` (``num_tokens`` is used only by routers whose
+        experts are shared by the batch, Soft MoE)."""
+        return self.top_k
 
     def make_dispatcher(self, capacity_factor: float | None = None):
         """The :class:`~moe_lib.dispatch.Dispatcher` a layer uses with this router by default: token
@@ -303,6 +333,7 @@ class NoisyTopKRouter(TopKRouter):
     """
 
     name = "noisy_topk"
+    smooth_load = True
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, *, bias: bool = False, normalize: bool = True,
                  router_dtype: str = "float32"):
@@ -326,8 +357,8 @@ class NoisyTopKRouter(TopKRouter):
         probs = self._softmax(noisy)
         top_logits, experts = noisy.topk(self.top_k, dim=-1)
         weights = self._softmax(top_logits)  # softmax(KeepTopK(H, k)) restricted to the kept entries
-        return Routing(logits=noisy, probs=probs, experts=experts, weights=weights,
-                       clean_logits=clean, noise_std=noise_std)
+        return NoisyRouting(logits=noisy, probs=probs, experts=experts, weights=weights,
+                            clean_logits=clean, noise_std=noise_std)
 
 
 class GShardRouter(TopKRouter):
@@ -567,6 +598,14 @@ class SoftMoERouter(Router):
         """Slot logits, plus the dispatch and combine matmuls (each ``2 · d · E·p`` per token)."""
         return 3 * 2 * self.d_model * self.gate.out_features
 
+    def expert_passes_per_token(self, num_tokens: int | None = None) -> float:
+        """``S / T``: the ``S = E·p`` slots are shared by the batch of ``num_tokens`` tokens (required)."""
+        if num_tokens is None:
+            raise ValueError("router='soft' shares its slots across the batch: pass num_tokens (T) to "
+                             "active_flops_per_token")
+        num_tokens = check_int("num_tokens", num_tokens, minimum=1)
+        return self.num_experts * self.slots_per_expert / num_tokens
+
     def make_dispatcher(self, capacity_factor: float | None = None):
         """Soft MoE mixes tokens into slots: a :class:`~moe_lib.dispatch.SlotDispatcher` (no capacity)."""
         from .dispatch import SlotDispatcher
@@ -582,8 +621,8 @@ class SoftMoERouter(Router):
             dispatch, combine = dispatch.float(), combine.float()
         probs = combine.reshape(num_tokens, self.num_experts, self.slots_per_expert).sum(-1)
         experts = torch.arange(self.num_experts, device=x.device).expand(num_tokens, -1)
-        return Routing(logits=logits, probs=probs, experts=experts, weights=probs, dispatch=dispatch,
-                       combine=combine, slots_per_expert=self.slots_per_expert)
+        return SoftRouting(logits=logits, probs=probs, experts=experts, weights=probs, dispatch=dispatch,
+                           combine=combine, slots_per_expert=self.slots_per_expert)
 
 
 def balance_bias(router: Router, bias: Tensor, experts: Tensor, update_rate: float) -> None:

@@ -153,3 +153,26 @@ def test_a_ready_dispatcher_is_checked_with_the_options_and_the_bank():
         MoELayer(8, 16, 4, dispatcher=_Half())
     half = MoELayer(8, 16, 4, expert=EXPERTS["swiglu"](2, 8, 16), dispatcher=_Half())
     assert half.experts.num_experts == 2 and half.num_experts == 4
+
+
+def test_router_specific_state_lives_with_the_router():
+    """Issue 16: fields one router produces are on its own Routing subclass; the layer asks the router
+    (FLOPs, load loss) and the dispatcher (what the experts see) instead of branching on names."""
+    from moe_lib.routers import NoisyRouting, Routing, SoftRouting
+
+    x = torch.randn(6, 8)
+    plain = MoELayer(8, 16, 4, router="topk")(x, return_info=True)[1].routing
+    noisy = MoELayer(8, 16, 4, router="noisy_topk")(x, return_info=True)[1].routing
+    soft_layer = MoELayer(8, 16, 4, router="soft", router_options={"slots_per_expert": 2})
+    soft = soft_layer(x, return_info=True)[1].routing
+    assert type(plain) is Routing and not hasattr(plain, "noise_std") and not hasattr(plain, "dispatch")
+    assert isinstance(noisy, NoisyRouting) and noisy.noise_std.shape == (6, 4)
+    assert isinstance(soft, SoftRouting) and soft.is_soft and not plain.is_soft and soft.slots_per_expert == 2
+    slots = soft_layer.dispatcher.expert_inputs(x, soft)
+    torch.testing.assert_close(slots, soft.dispatch.t() @ x)
+    assert MoELayer(8, 16, 4).dispatcher.expert_inputs(x, plain) is x
+    with pytest.raises(ValueError, match=r"load_loss_coef > 0 needs a router with Shazeer's smooth load .*"
+                                         r"router in \['noisy_topk'\], got router='switch'"):
+        MoELayer(8, 16, 4, router="switch", load_loss_coef=0.1)
+    assert soft_layer.active_flops_per_token(num_tokens=4) == (
+        soft_layer.router.flops_per_token() + 8 / 4 * soft_layer.experts.flops_per_token())

@@ -289,11 +289,16 @@ def test_router_argument_messages(build, error, message):
     assert str(excinfo.value).startswith(message), str(excinfo.value)
 
 
-def test_aux_free_bias_update_without_a_forward_pass_is_a_no_op():
+def test_aux_free_bias_moves_only_in_a_training_pass():
     from moe_lib.routers import AuxFreeRouter
     router = AuxFreeRouter(4, 3, 2, update_rate=0.5)
-    router.after_step()
+    x = torch.randn(6, 4)
+    router.eval()(x)  # inference, with gradients enabled: no move
+    with torch.inference_mode():
+        router.train()(x)  # training mode without gradients: no move
     assert router.expert_bias.tolist() == [0.0, 0.0, 0.0]
+    router(x)
+    assert router.expert_bias.abs().sum() > 0
 
 
 def test_hash_of_token_ids_is_pinned():
