@@ -2,12 +2,14 @@
 
 Stacked weights (rather than a ``ModuleList`` of ``E`` small modules) are what grouped-GEMM kernels
 consume and what Hugging Face's fused MoE checkpoints store, so every backend can run the same bank.
-Each bank offers two views of the same computation:
+Each bank offers several views of the same computation:
 
 * :meth:`ExpertBank.forward_expert` — expert ``e`` on its own rows ``[n, d_model]`` (the readable
   reference, used by the ``loop`` backend);
+* :meth:`ExpertBank.forward_blocks` — each expert on its own block of rows, the weights indexed once
+  (used by the ``torch`` backend: one block at a time stays in the cache);
 * :meth:`ExpertBank.forward_padded` — all experts at once on a padded batch ``[E, C, d_model]``
-  (batched matmul, used by the ``torch`` backend);
+  (batched matmul: chapter 11's padded step, the dense and ensemble layers);
 * :meth:`ExpertBank.forward_grouped` — all experts at once on their grouped rows ``[N, d_model]`` with
   ``torch._grouped_mm`` (no padding; used by the ``grouped_mm`` backend).
 
@@ -18,6 +20,7 @@ Mixtral, Qwen-MoE and DeepSeek-V3).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -66,8 +69,9 @@ class ExpertBank(nn.Module):
 
     kind = "base"
     #: The backends (:data:`moe_lib.backends.BACKENDS`) that can run this bank: ``loop`` needs
-    #: :meth:`forward_expert`, ``torch`` :meth:`forward_padded`, ``grouped_mm`` :meth:`forward_grouped`;
-    #: a bank that implements fewer lists fewer (``MoELayer`` refuses the others by name).
+    #: :meth:`forward_expert`, ``torch`` :meth:`forward_blocks` (whose default is made of
+    #: :meth:`forward_expert`), ``grouped_mm`` :meth:`forward_grouped`; a bank that implements fewer lists
+    #: fewer (``MoELayer`` refuses the others by name).
     backends: tuple[str, ...] = ("loop", "torch", "grouped_mm")
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, d_out: int | None = None):
@@ -84,6 +88,14 @@ class ExpertBank(nn.Module):
     def forward_padded(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         """Every expert on its own rows: ``x [E, C, d_model]`` -> ``[E, C, d_out]``."""
         raise NotImplementedError
+
+    def forward_blocks(self, blocks: Sequence[tuple[int, Tensor]]) -> list[Tensor]:
+        """Expert ``e`` on ``x_e [n_e, d_model]`` for each pair ``(e, x_e)`` -> the list of ``[n_e, d_out]``.
+
+        The same arithmetic as :meth:`forward_expert`, block by block. This default calls it; the banks
+        below index their stacked weights once (``unbind``), so that the backward stacks the experts'
+        weight gradients in one copy instead of adding one full-size zero tensor per expert."""
+        return [self.forward_expert(e, x) for e, x in blocks]
 
     def forward_grouped(self, x: Tensor, offsets: Tensor, expert_index: Tensor) -> Tensor:  # pragma: no cover
         """Every expert on its block of grouped rows: ``x [N, d_model]`` with expert ``e`` owning rows
@@ -110,6 +122,10 @@ class LinearExperts(ExpertBank):
 
     def forward_padded(self, x: Tensor) -> Tensor:
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+
+    def forward_blocks(self, blocks: Sequence[tuple[int, Tensor]]) -> list[Tensor]:
+        weight, bias = self.weight.unbind(0), self.bias.unbind(0)
+        return [x @ weight[e] + bias[e] for e, x in blocks]
 
     def forward_grouped(self, x: Tensor, offsets: Tensor, expert_index: Tensor) -> Tensor:
         return grouped_mm(x, self.weight, offsets) + self.bias[expert_index]
@@ -139,6 +155,11 @@ class MLPExperts(ExpertBank):
         h = ACTIVATIONS[self.activation](torch.baddbmm(self.b1.unsqueeze(1), x, self.w1))
         return torch.baddbmm(self.b2.unsqueeze(1), h, self.w2)
 
+    def forward_blocks(self, blocks: Sequence[tuple[int, Tensor]]) -> list[Tensor]:
+        act = ACTIVATIONS[self.activation]
+        w1, b1, w2, b2 = (p.unbind(0) for p in (self.w1, self.b1, self.w2, self.b2))
+        return [act(x @ w1[e] + b1[e]) @ w2[e] + b2[e] for e, x in blocks]
+
     def forward_grouped(self, x: Tensor, offsets: Tensor, expert_index: Tensor) -> Tensor:
         h = ACTIVATIONS[self.activation](grouped_mm(x, self.w1, offsets) + self.b1[expert_index])
         return grouped_mm(h, self.w2, offsets) + self.b2[expert_index]
@@ -165,6 +186,11 @@ class SwiGLUExperts(ExpertBank):
     def forward_padded(self, x: Tensor) -> Tensor:
         h = nn.functional.silu(torch.bmm(x, self.w_gate)) * torch.bmm(x, self.w_up)
         return torch.bmm(h, self.w_down)
+
+    def forward_blocks(self, blocks: Sequence[tuple[int, Tensor]]) -> list[Tensor]:
+        act = ACTIVATIONS[getattr(self, "activation", "silu")]  # GLUExperts: its own activation
+        w_gate, w_up, w_down = self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0)
+        return [(act(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e] for e, x in blocks]
 
     def forward_grouped(self, x: Tensor, offsets: Tensor, expert_index: Tensor) -> Tensor:
         act = ACTIVATIONS[getattr(self, "activation", "silu")]
