@@ -56,11 +56,21 @@ SMOKE_SHAPES: dict[str, Shape] = {s.name: s for s in (
     Shape("smoke-fine", 32, 32, 8, 4),
 )}
 
+#: The book's CPU shapes (float32, a laptop's 2 threads): Mixtral's coarse layout (``E = 8``, top-2) at two
+#: widths and a fine-grained one (``E = 32``, top-4). Issue 16 measured the padded ``torch`` backend slower
+#: than the ``loop`` backend on them; they are small enough to time on a CPU at :data:`CPU_PREFILL_T`.
+CPU_SHAPES: dict[str, Shape] = {s.name: s for s in (
+    Shape("cpu-d128-e8", 128, 256, 8, 2),
+    Shape("cpu-d256-e32", 256, 128, 32, 4),
+    Shape("cpu-d512-e8", 512, 1024, 8, 2),
+)}
+
 #: Token counts: prefill (one long prompt, or a training micro-batch) and decode (one token per sequence).
 PREFILL_T = (16384,)
 DECODE_T = (1, 16, 64, 128)
 SMOKE_PREFILL_T = (64,)
 SMOKE_DECODE_T = (1, 16)
+CPU_PREFILL_T = (4096,)  # T·k = 8192 or 16384 rows: 1.6 to 26 GFLOP per forward
 
 PHASES = ("prefill", "decode")
 MODES = ("fwd", "fwdbwd")  # forward; forward + backward (training)
@@ -68,8 +78,8 @@ ROUTINGS = ("router", "balanced", "zipf")
 
 
 def get_shape(name: str) -> Shape:
-    """Look a shape up by name among :data:`SHAPES` and :data:`SMOKE_SHAPES`."""
-    table = {**SHAPES, **SMOKE_SHAPES}
+    """Look a shape up by name among :data:`SHAPES`, :data:`CPU_SHAPES` and :data:`SMOKE_SHAPES`."""
+    table = {**SHAPES, **CPU_SHAPES, **SMOKE_SHAPES}
     if name not in table:
         raise ValueError(f"unknown shape {name!r}; accepted: {sorted(table)}")
     return table[name]
