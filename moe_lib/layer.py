@@ -216,12 +216,13 @@ class MoELayer(nn.Module):
             self.router = ready_router
         else:
             self.router = router_cls(self.d_model, self.num_experts, self.top_k, **router_kwargs)
+        # registered in the order of the data path (router, dispatcher, experts), as print(layer) shows it
+        self.dispatcher = dispatcher if dispatcher is not None else self.router.make_dispatcher(capacity_factor)
         if ready_experts is not None:
             self.experts = ready_experts
         else:
             expert_kwargs = {"activation": activation} if activation is not None else {}
             self.experts = EXPERTS[expert](self.num_experts, self.d_model, self.d_ff, d_out, **expert_kwargs)
-        self.dispatcher = dispatcher if dispatcher is not None else self.router.make_dispatcher(capacity_factor)
         held = self.dispatcher.num_local_experts(self.num_experts)
         if self.experts.num_experts != held:
             needs = (f"the layer num_experts={held}" if held == self.num_experts else

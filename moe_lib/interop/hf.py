@@ -295,10 +295,9 @@ def _convert_gated(block: nn.Module, family: str, backend: str) -> ConvertedMoEB
                 "scaling_factor": float(gate.routed_scaling_factor),
             },
         }
-    moe = MoELayer(d_model, w_gate.shape[2], num_experts, top_k, expert="swiglu", backend=backend,
-                   router_bias=getattr(gate, "bias", None) is not None, aux_loss_coef=0.0, **kwargs)
-    moe.experts = _gated_bank(w_gate, w_up, w_down, activation)
-    with torch.no_grad():
+    moe = MoELayer(d_model, w_gate.shape[2], num_experts, top_k, expert=_gated_bank(w_gate, w_up, w_down, activation),
+                   backend=backend, router_bias=getattr(gate, "bias", None) is not None, aux_loss_coef=0.0, **kwargs)
+    with torch.no_grad():  # the router is built by name (its options above), then given the block's weights
         moe.router.gate.weight.copy_(router_weight)
         if getattr(gate, "bias", None) is not None:
             moe.router.gate.bias.copy_(gate.bias)
@@ -325,19 +324,19 @@ def _convert_switch(block: nn.Module, backend: str) -> ConvertedMoEBlock:
     if router_dtype is None:
         raise ValueError(f"Switch router_dtype {dtype} has no moe_lib equivalent; accepted: float32, bfloat16")
     capacity = router.expert_capacity
-    moe = MoELayer(d_model, d_ff, num_experts, 1, router="group_capacity", expert="mlp", activation=activation,
-                   backend=backend, router_bias=classifier.bias is not None, router_dtype=router_dtype,
-                   aux_loss_coef=0.0, router_options={"expert_capacity": int(capacity)})
     bank = MLPExperts(num_experts, d_model, d_ff, activation=activation)
     with torch.no_grad():
         bank.w1.copy_(torch.stack([m.wi.weight.t() for m in experts]))
         bank.w2.copy_(torch.stack([m.wo.weight.t() for m in experts]))
         bank.b1.zero_()
         bank.b2.zero_()
+    moe = MoELayer(d_model, d_ff, num_experts, 1, router="group_capacity", expert=bank, backend=backend,
+                   router_bias=classifier.bias is not None, router_dtype=router_dtype, aux_loss_coef=0.0,
+                   router_options={"expert_capacity": int(capacity)})
+    with torch.no_grad():
         moe.router.gate.weight.copy_(classifier.weight)
         if classifier.bias is not None:
             moe.router.gate.bias.copy_(classifier.bias)
-    moe.experts = bank
     return ConvertedMoEBlock("switch_transformers", moe)
 
 
