@@ -12,6 +12,7 @@ import stat
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -201,14 +202,14 @@ def test_cli_defers_the_anchor_peers_on_the_gpu_only():
         parse_args(["--smoke", "--defer-impls", "naive"])
 
 
-def _timed_impls(calls, slow_s=0.0):
+def _timed_impls(calls, on_dense=lambda: None):
     registry = H.impl_registry()
 
     def wrap(impl):
         def build(p, grad):
             calls.append((impl.name, p.case.T))
             if impl.name == "dense_equal_flops":
-                time.sleep(slow_s)
+                on_dense()
             return impl.build(p, grad)
         return H.Impl(impl.name, impl.family, impl.description, build, impl.skip, impl.uses_triton)
 
@@ -230,13 +231,20 @@ def test_deferred_peers_run_after_every_case_while_time_remains(tmp_path):
         assert r["correct"] and r["ratio_to_dense"] == pytest.approx(dense / r["ms"])
 
 
-def test_deferred_peers_give_way_to_the_budget(tmp_path):
+def test_deferred_peers_give_way_to_the_budget(monkeypatch):
+    clock = [0.0]  # the harness's clock: the first implementation takes "an hour"
+    monkeypatch.setattr(H, "time", SimpleNamespace(monotonic=lambda: clock[0], perf_counter=time.perf_counter))
+
+    def slow():
+        clock[0] += 3600
+
     calls = []
     cases = [H.Case(SMOKE_SHAPES["smoke-fine"], "prefill", 8, "fwd", "router")]
-    result = H.run(cases, _timed_impls(calls, slow_s=0.3), device=torch.device("cpu"), dtype=torch.float32,
-                   smoke=True, budget_s=0.2, out=None, ceilings=False, deferred=["naive_loop"], log=lambda s: None)
+    result = H.run(cases, _timed_impls(calls, slow), device=torch.device("cpu"), dtype=torch.float32,
+                   smoke=True, budget_s=60, out=None, ceilings=False, deferred=["naive_loop"], log=lambda s: None)
     assert [c[0] for c in calls] == ["dense_equal_flops"]  # the budget ended during the first implementation
     r = result["cases"][0]["results"]
+    assert r["torch_grouped_mm"]["skipped"] == "time budget spent"
     assert r["naive_loop"]["skipped"].startswith("time budget spent") and result["complete"] is False
 
 
