@@ -69,14 +69,14 @@ def test_script_order_preflight_gates_and_no_smoke_pass():
     assert "--smoke" not in text
 
 
-def _shim(tmp_path: Path, fail_preflight: bool) -> Path:
-    """A stand-in for python that logs its arguments and fails the preflight when told to."""
+def _shim(tmp_path: Path, fail_preflight: int) -> Path:
+    """A stand-in for python that logs its arguments; the preflight exits with ``fail_preflight``."""
     log = tmp_path / "calls.log"
     shim = tmp_path / "python"
     shim.write_text(f"""#!/usr/bin/env bash
 echo "$*" >> "{log}"
 if [[ "$*" == *moe_lib.kernels.preflight* ]]; then
-  echo "PREFLIGHT FAILED (shim)"; exit {1 if fail_preflight else 0}
+  echo "PREFLIGHT (shim)"; exit {int(fail_preflight)}
 fi
 exit 0
 """)
@@ -93,16 +93,19 @@ def _run_script(tmp_path, fail_preflight):
     return proc, calls, out
 
 
-def test_a_failed_preflight_stops_the_run_before_anything_is_timed(tmp_path):
-    proc, calls, out = _run_script(tmp_path, fail_preflight=True)
+@pytest.mark.parametrize("exit_status", [1, 124])  # a failed check; killed by its time-out
+def test_a_failed_preflight_stops_the_run_before_anything_is_timed(tmp_path, exit_status):
+    proc, calls, out = _run_script(tmp_path, fail_preflight=exit_status)
     assert proc.returncode == 4, proc.stdout + proc.stderr
-    assert any("moe_lib.kernels.preflight" in c for c in calls)
+    assert any("-m moe_lib.kernels.preflight" in c for c in calls)
     assert not any("moe_lib.bench" in c or "gpu_check" in c or "compile_check" in c for c in calls), calls
     assert "STOP" in proc.stdout and "STOP" in (out / "run_h200.log").read_text()
+    # a preflight killed by its time-out printed no verdict: the script asks for the list of what runs without it
+    assert any("without_triton()" in c for c in calls) == (exit_status == 124), calls
 
 
 def test_a_passing_preflight_runs_every_step_in_order(tmp_path):
-    proc, calls, _ = _run_script(tmp_path, fail_preflight=False)
+    proc, calls, _ = _run_script(tmp_path, fail_preflight=0)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = [c for c in calls if c.startswith("-m ")]
     assert [c.split()[1] for c in steps] == ["moe_lib.kernels.preflight", "moe_lib.kernels.compile_check",
