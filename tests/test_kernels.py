@@ -256,8 +256,10 @@ def test_each_kernel_matches_its_reference(case):
     ra, off, k = meta.row_assignment, meta.offsets, meta.top_k
     n_slots = meta.num_tokens * k
     close = {"rtol": 1e-4, "atol": 1e-5}
-    # forward: up (gather + two GEMMs + SwiGLU), down (GEMM + weight + slot store), combine
-    h, gu = ops.up(x, wg, wu, meta, "silu", save_gu=True)
+    wgu = K.interleave_gate_up(wg, wu)
+    # forward: up (gather + one wide GEMM over interleaved gate|up + SwiGLU), down (GEMM + weight + slot
+    # store), combine
+    h, gu = ops.up(x, wgu, meta, "silu", save_gu=True)
     h_ref, gu_ref = K.reference.up_ref(x, ra, off, k, wg, wu)
     torch.testing.assert_close(h, h_ref, **close)
     torch.testing.assert_close(gu, gu_ref, **close)
@@ -270,15 +272,12 @@ def test_each_kernel_matches_its_reference(case):
     dgu_ref, dw_row_ref = K.reference.dh_ref(dy, gu, ra, off, k, wd, wflat)
     torch.testing.assert_close(dgu, dgu_ref, **close)
     torch.testing.assert_close(dw_row, dw_row_ref, **close)
-    slots = ops.dx_slots(dgu, wg, wu, meta)  # [dg | du] times the stacked [W_gᵀ ; W_uᵀ], per slot
-    w_gu_t = torch.cat([wg, wu], dim=2).transpose(1, 2)
-    torch.testing.assert_close(slots, K.reference.down_ref(dgu, ra, off, w_gu_t, None, n_slots), **close)
-    f = wg.shape[2]
+    slots = ops.dx_slots(dgu, wgu, meta)  # interleaved [dg | du] times W_guᵀ (one GEMM over 2f), per slot
+    torch.testing.assert_close(slots, K.reference.down_ref(dgu, ra, off, wgu.transpose(1, 2), None, n_slots),
+                               **close)
     x_rows, dy_rows = x[ra.long() // k], dy[ra.long() // k]
-    dwg, dwu = torch.empty_like(wg), torch.empty_like(wu)
-    ops.wgrad(x, dgu, dwg, wflat, meta, True, False, False, b2=dgu[:, f:], out2=dwu)
-    torch.testing.assert_close(dwg, K.reference.wgrad_ref(x_rows, dgu[:, :f], off), **close)
-    torch.testing.assert_close(dwu, K.reference.wgrad_ref(x_rows, dgu[:, f:], off), **close)
+    dwgu = ops.wgrad(x, dgu, torch.empty_like(wgu), wflat, meta, True, False, False)
+    torch.testing.assert_close(dwgu, K.reference.wgrad_ref(x_rows, dgu, off), **close)
     dwd = ops.wgrad(h, dy, torch.empty_like(wd), wflat, meta, False, True, True)
     scaled_h = h * wflat[ra.long()].unsqueeze(-1)
     torch.testing.assert_close(dwd, K.reference.wgrad_ref(scaled_h, dy_rows, off), **close)
@@ -310,20 +309,18 @@ def test_wgrad_split_k_matches_reference_and_is_deterministic(split_rows):
     dy = torch.randn(45, 40, generator=g)
     ra = meta.row_assignment.long()
     h = torch.randn(meta.num_assignments, 36, generator=g)
-    b2 = torch.randn(meta.num_assignments, 36, generator=g)
     runs = []
     for _ in range(2):
-        dwa, dwb = torch.full((num_experts, 24, 36), float("nan")), torch.full((num_experts, 24, 36), float("nan"))
-        ops.wgrad(x, h, dwa, wflat, meta, True, False, False, b2=b2, out2=dwb, split_rows=split_rows)
+        dwa = ops.wgrad(x, h, torch.full((num_experts, 24, 36), float("nan")), wflat, meta, True, False, False,
+                        split_rows=split_rows)
         dwd = ops.wgrad(h, dy, torch.full((num_experts, 36, 40), float("nan")), wflat, meta, False, True, True,
                         split_rows=split_rows)
-        runs.append((dwa, dwb, dwd))
+        runs.append((dwa, dwd))
     close = {"rtol": 1e-4, "atol": 1e-5}
     torch.testing.assert_close(runs[0][0], K.reference.wgrad_ref(x[ra // k], h, meta.offsets), **close)
-    torch.testing.assert_close(runs[0][1], K.reference.wgrad_ref(x[ra // k], b2, meta.offsets), **close)
     scaled = h * wflat[ra].unsqueeze(-1)
-    torch.testing.assert_close(runs[0][2], K.reference.wgrad_ref(scaled, dy[ra // k], meta.offsets), **close)
-    assert torch.all(runs[0][0][6] == 0) and torch.all(runs[0][2][6] == 0)
+    torch.testing.assert_close(runs[0][1], K.reference.wgrad_ref(scaled, dy[ra // k], meta.offsets), **close)
+    assert torch.all(runs[0][0][6] == 0) and torch.all(runs[0][1][6] == 0)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -342,6 +339,74 @@ def test_wgrad_split_rows_spreads_a_hot_expert():
     assert -(-n // r) * 96 >= 264                     # the hot expert's units × blocks
     assert (2 * n // r) * 768 * 2048 * 4 <= e * 768 * 2048 * 2 / 2
     assert config.wgrad_split_rows(n, 256, 7168, 2048, gpu, min_rows=256) >= n
+
+
+def test_interleave_gate_up_layout_and_inverse():
+    wg, wu, _ = _weights(3, 4, 5)
+    wgu = K.interleave_gate_up(wg, wu)
+    assert wgu.shape == (3, 4, 10) and wgu.is_contiguous()
+    assert torch.equal(wgu[..., 4], wg[..., 2]) and torch.equal(wgu[..., 7], wu[..., 3])  # 2j gate, 2j+1 up
+    g, u = K.split_gate_up(wgu)
+    assert torch.equal(g, wg) and torch.equal(u, wu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_expert_ffn_on_interleaved_weights(dtype):
+    """Interleaved weights (w_up=None, no conversion) give the two-weight result, and the gradient w.r.t.
+    the interleaved tensor is the two gradients interleaved (capacity drops: incomplete metadata)."""
+    x, weights, meta, (wg, wu, wd) = _ffn_case("sparse", 26, 2, 8, 32, 24, dtype)
+    keep = torch.ones(meta.num_assignments, dtype=torch.bool)
+    keep[::5] = False  # drop every fifth grouped row, as a capacity limit would
+    counts = torch.stack([keep[int(a):int(b)].sum() for a, b in zip(meta.offsets[:-1], meta.offsets[1:])])
+
+    class Plan:  # the fields metadata_from_plan reads
+        kept = torch.ones(26, 2, dtype=torch.bool)
+        num_experts = 8
+
+    Plan.token_index = meta.row_assignment[keep].long() // 2
+    Plan.slot_index = meta.row_assignment[keep].long() % 2
+    Plan.counts = counts
+    Plan.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    meta = K.metadata_from_plan(Plan, block_m=16)
+    assert not meta.complete
+    upstream = torch.randn(26, 32, generator=torch.Generator().manual_seed(4)).to(dtype)
+    two = [t.clone().requires_grad_(True) for t in (x, wg, wu, wd)]
+    y2 = K.expert_ffn(two[0], weights, meta, *two[1:])
+    (y2.float() * upstream.float()).sum().backward()
+    one = [t.clone().requires_grad_(True) for t in (x, K.interleave_gate_up(wg, wu), wd)]
+    y1 = K.expert_ffn(one[0], weights, meta, one[1], None, one[2])
+    (y1.float() * upstream.float()).sum().backward()
+    assert torch.equal(y1, y2)
+    assert torch.equal(one[1].grad, K.interleave_gate_up(two[1].grad, two[2].grad))
+    assert torch.equal(one[0].grad, two[0].grad) and torch.equal(one[2].grad, two[3].grad)
+    leaves = [t.detach().float().clone().requires_grad_(True) for t in (x, wg, wu, wd)]
+    y_ref = K.expert_ffn(leaves[0], weights, meta, *leaves[1:], impl="torch")
+    (y_ref * upstream.float()).sum().backward()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y1.float(), y_ref, rtol=tol, atol=tol)
+    ref_gu = K.interleave_gate_up(leaves[1].grad, leaves[2].grad)
+    assert (one[1].grad.float() - ref_gu).abs().max() / ref_gu.abs().max() < tol
+
+
+def test_interleaved_copy_is_cached_until_the_weights_change():
+    """Inference converts once: the same copy while the weights are unchanged, a fresh one after an in-place
+    update (its _version moves) — the layer's triton backend then still matches the loop backend."""
+    torch.manual_seed(0)
+    ref = MoELayer(16, 24, 4, top_k=2, expert="swiglu", backend="loop")
+    layer = MoELayer(16, 24, 4, top_k=2, expert="swiglu", backend="triton")
+    layer.load_state_dict(ref.state_dict())
+    wg, wu = layer.experts.w_gate, layer.experts.w_up
+    first = K.interleaved_gate_up(wg, wu)
+    assert K.interleaved_gate_up(wg, wu) is first
+    x = torch.randn(10, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref(x), rtol=1e-4, atol=1e-5)
+        for m in (ref, layer):
+            m.experts.w_up.mul_(-2.0)
+        assert K.interleaved_gate_up(wg, wu) is not first
+        torch.testing.assert_close(layer(x), ref(x), rtol=1e-4, atol=1e-5)
+    K.clear_interleave_cache()
+    assert K.interleaved_gate_up(wg, wu) is not first
 
 
 @pytest.mark.parametrize("activation", ["gelu", "relu", "tanh"])
@@ -490,6 +555,8 @@ def test_bad_input_names_the_argument():
         K.expert_ffn(torch.randn(4, 16).half(), torch.rand(4, 2), meta, *ws)
     with pytest.raises(ValueError, match="activation"):
         K.expert_ffn(torch.randn(4, 16), torch.rand(4, 2), meta, *ws, activation="swish")
+    with pytest.raises(ValueError, match="with w_up=None, w_gate must be the interleaved"):
+        K.expert_ffn(torch.randn(4, 16), torch.rand(4, 2), meta, ws[0][..., :31], None, ws[2])
     with pytest.raises(ValueError, match="unknown backend .cuda."):
         MoELayer(16, 32, 4, backend="cuda")
 

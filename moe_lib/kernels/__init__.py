@@ -4,8 +4,9 @@ The path of one MoE FFN layer, as kernels::
 
     route            logits [T, E] → weights [T, k], experts [T, k]      (softmax|sigmoid → top-k → renorm)
     permute_metadata experts → counts, offsets, grouped order, tile schedule   (on the device, no host sync)
-    expert_ffn       x → Σ_j w_j · FFN_{e_j}(x)   (gathered grouped GEMM + SwiGLU epilogue; down projection
-                     with the routing weight in its epilogue; deterministic combine; Triton backward)
+    expert_ffn       x → Σ_j w_j · FFN_{e_j}(x)   (gathered grouped GEMM over interleaved gate|up weights +
+                     SwiGLU epilogue; down projection with the routing weight in its epilogue; deterministic
+                     combine; Triton backward)
     fused_moe        all three, from x and the router weight
 
 Every function takes ``impl="triton"`` (the kernels) or ``impl="torch"`` (:mod:`.reference`, plain PyTorch
@@ -15,6 +16,7 @@ slow to time. ``MoELayer(..., backend="triton")`` runs its experts through :func
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -54,8 +56,42 @@ MAX_EXPERTS = 1024  # the router and schedule kernels hold one row of E scores i
 
 __all__ = [
     "Metadata", "available", "interpreting", "route", "permute_metadata", "metadata_from_plan", "expert_ffn",
-    "fused_moe", "block_m_for", "reference", "IMPLS", "SCORES", "ACTIVATIONS",
+    "fused_moe", "block_m_for", "reference", "IMPLS", "SCORES", "ACTIVATIONS", "interleave_gate_up",
+    "split_gate_up", "interleaved_gate_up", "clear_interleave_cache",
 ]
+
+interleave_gate_up = reference.interleave_gate_up
+split_gate_up = reference.split_gate_up
+_INTERLEAVED: dict = {}
+
+
+def interleaved_gate_up(w_gate: Tensor, w_up: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """:func:`interleave_gate_up` of two weights, converted once and cached for inference (no autograd).
+
+    The copy is reused while both tensors are the same live objects with the same storage and the same
+    ``_version`` (any in-place update — an optimizer step, ``load_state_dict``, ``copy_`` — bumps it), and is
+    dropped when either dies. Writes through ``.data`` bypass the version counter: call
+    :func:`clear_interleave_cache` after them. The cache holds one interleaved copy per weight pair (the
+    gate and up bytes again); pass interleaved weights to :func:`expert_ffn` yourself to avoid it.
+    ``dtype``: convert to this dtype too (the copy is made once either way)."""
+    dtype = dtype or w_gate.dtype
+    stamp = (w_gate.data_ptr(), w_up.data_ptr(), w_gate._version, w_up._version, tuple(w_gate.shape),
+             w_gate.stride(), w_up.stride(), w_gate.dtype, w_up.dtype, w_gate.device)
+    key = (id(w_gate), id(w_up), dtype)
+    hit = _INTERLEAVED.get(key)
+    if hit is not None and hit[0]() is w_gate and hit[1]() is w_up and hit[2] == stamp:
+        return hit[3]
+    for k in [k for k, v in _INTERLEAVED.items() if v[0]() is None or v[1]() is None]:
+        del _INTERLEAVED[k]
+    with torch.no_grad():
+        w_gu = interleave_gate_up(w_gate.to(dtype), w_up.to(dtype)).contiguous()
+    _INTERLEAVED[key] = (weakref.ref(w_gate), weakref.ref(w_up), stamp, w_gu)
+    return w_gu
+
+
+def clear_interleave_cache() -> None:
+    """Drop every copy :func:`interleaved_gate_up` holds."""
+    _INTERLEAVED.clear()
 
 
 def available() -> bool:
@@ -243,30 +279,40 @@ def _check_ffn_args(x, weights, meta, w_gate, w_up, w_down, activation):
         raise ValueError(f"x [T, d] and weights [T, k] must match meta (T={meta.num_tokens}, k={meta.top_k}), "
                          f"got x {tuple(x.shape)} and weights {tuple(weights.shape)}")
     num_experts, d = meta.num_experts, x.shape[1]
-    _check_tensor("w_gate", w_gate, 3, "[E, d_model, d_ff]")
-    _check_tensor("w_up", w_up, 3, "[E, d_model, d_ff]")
     _check_tensor("w_down", w_down, 3, "[E, d_ff, d_out]")
-    f = w_gate.shape[2]
-    if w_gate.shape != (num_experts, d, f) or w_up.shape != w_gate.shape:
-        raise ValueError(f"w_gate and w_up must have shape [E={num_experts}, d_model={d}, d_ff], got "
-                         f"{tuple(w_gate.shape)} and {tuple(w_up.shape)}")
+    if w_up is None:  # interleaved gate|up
+        _check_tensor("w_gate", w_gate, 3, "[E, d_model, 2·d_ff] (interleaved, w_up=None)")
+        f2 = w_gate.shape[2]
+        if w_gate.shape[:2] != (num_experts, d) or f2 % 2:
+            raise ValueError(f"with w_up=None, w_gate must be the interleaved [E={num_experts}, d_model={d}, 2·d_ff] "
+                             f"from interleave_gate_up, got {tuple(w_gate.shape)}")
+        f = f2 // 2
+        tensors = (x, w_gate, w_down)
+    else:
+        _check_tensor("w_gate", w_gate, 3, "[E, d_model, d_ff]")
+        _check_tensor("w_up", w_up, 3, "[E, d_model, d_ff]")
+        f = w_gate.shape[2]
+        if w_gate.shape != (num_experts, d, f) or w_up.shape != w_gate.shape:
+            raise ValueError(f"w_gate and w_up must have shape [E={num_experts}, d_model={d}, d_ff], got "
+                             f"{tuple(w_gate.shape)} and {tuple(w_up.shape)}")
+        tensors = (x, w_gate, w_up, w_down)
     if w_down.shape[:2] != (num_experts, f):
         raise ValueError(f"w_down must have shape [E={num_experts}, d_ff={f}, d_out], got {tuple(w_down.shape)}")
-    dtypes = {t.dtype for t in (x, w_gate, w_up, w_down)}
+    dtypes = {t.dtype for t in tensors}
     if len(dtypes) != 1:
         raise TypeError(f"x, w_gate, w_up and w_down must share one dtype, got {sorted(map(str, dtypes))}")
     return check_choice("activation", activation, ACTIVATIONS)
 
 
-def expert_ffn(x: Tensor, weights: Tensor, meta: Metadata, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
+def expert_ffn(x: Tensor, weights: Tensor, meta: Metadata, w_gate: Tensor, w_up: Tensor | None, w_down: Tensor,
                activation: str = "silu", impl: str = "triton") -> Tensor:
     """``y[t] = Σ_j weights[t, j] · (act(x_t W_g[e]) ⊙ x_t W_u[e]) W_d[e]`` with ``e = e(t, j)``: the gated
     FFN experts (SwiGLU for ``"silu"``; Shazeer 2020, eq. 6) combined with the routing weights.
 
-    The triton path is two grouped GEMMs (gather fused into the first's loads, activation in its
-    epilogue; routing weight in the second's epilogue, written to the assignment's slot) and a combine
-    that sums the ``k`` slots in a fixed order. Its backward is Triton too: gradients w.r.t. ``x``,
-    ``weights`` and the three expert weights. Accumulation is float32; on a GPU, float32 inputs go through
+    The triton path is two grouped GEMMs (gather fused into the first's loads, one wide GEMM over the gate
+    and up weights interleaved by column, activation in its epilogue; routing weight in the second's
+    epilogue, written to the assignment's slot) and a combine that sums the ``k`` slots in a fixed order.
+    Its backward is Triton too: gradients w.r.t. ``x``, ``weights`` and the three expert weights. Accumulation is float32; on a GPU, float32 inputs go through
     the tensor cores as TF32 (Triton's default for ``tl.dot``, relative error near 1e-3) — use bfloat16 or
     float16 there, or ``impl="torch"`` for full float32.
 
@@ -274,22 +320,37 @@ def expert_ffn(x: Tensor, weights: Tensor, meta: Metadata, w_gate: Tensor, w_up:
         x: ``[T, d_model]``.
         weights: ``[T, k]`` routing weights (float32 recommended).
         meta: :class:`Metadata` of the same routing.
-        w_gate, w_up: ``[E, d_model, d_ff]``; w_down: ``[E, d_ff, d_out]`` (one dtype with ``x``).
+        w_gate, w_up: ``[E, d_model, d_ff]``; or ``w_gate`` = the interleaved ``[E, d_model, 2·d_ff]`` of
+            :func:`interleave_gate_up` and ``w_up=None`` (no conversion: the layout the kernels read).
+            Two weights are interleaved here: once, cached (:func:`interleaved_gate_up`), when no gradient
+            is needed; per call, through autograd, when one is — ``4·E·d·f`` elements moved in the forward
+            (read both, write the copy) and as many in the backward (the gradient split back): for
+            Mixtral-8x7B's layer in bfloat16, 3.8 GB each way (≈ 0.8 ms each at 4.8 TB/s). A training loop
+            that keeps its weights interleaved (``w_up=None``) avoids both.
+        w_down: ``[E, d_ff, d_out]`` (one dtype with ``x``).
         activation: ``"silu"``, ``"gelu"``, ``"relu"`` or ``"tanh"``.
         impl: ``"triton"`` or ``"torch"``.
     """
     impl = _check_impl(impl)
     activation = _check_ffn_args(x, weights, meta, w_gate, w_up, w_down, activation)
     if impl == "torch":
+        if w_up is None:
+            w_gate, w_up = split_gate_up(w_gate)
         return reference.expert_ffn_ref(x, weights, meta.row_assignment, meta.offsets, w_gate, w_up, w_down,
                                         activation)
     if meta.num_tokens == 0:
         return x.new_zeros(0, w_down.shape[2])
     x = x.contiguous()
-    if w_up.stride() != w_gate.stride():
-        w_gate, w_up = w_gate.contiguous(), w_up.contiguous()
+    if w_up is None:
+        w_gu = w_gate
+    elif torch.is_grad_enabled() and (w_gate.requires_grad or w_up.requires_grad):
+        w_gu = interleave_gate_up(w_gate, w_up)
+    else:
+        w_gu = interleaved_gate_up(w_gate, w_up)
+    if w_gu.stride(2) != 1:  # the wide B tile is loaded as contiguous rows of 2·BN columns
+        w_gu = w_gu.contiguous()
     weights_flat = weights.float().reshape(-1).contiguous()
-    return _ops.ExpertFFNFunction.apply(x, weights_flat, w_gate, w_up, w_down, meta, activation)
+    return _ops.ExpertFFNFunction.apply(x, weights_flat, w_gu, w_down, meta, activation)
 
 
 def fused_moe(x: Tensor, router_weight: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, top_k: int,

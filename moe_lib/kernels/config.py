@@ -49,8 +49,10 @@ def block_m_for(num_assignments: int, num_experts: int) -> int:
 def gemm_meta(kind: str, block_m: int) -> dict:
     """``BN``, ``BK``, ``num_warps``, ``num_stages`` of one grouped GEMM kernel for a given ``block_m``.
 
-    ``up`` and ``dh`` hold two accumulators or an epilogue with extra loads, so their N block is narrower at
-    large ``block_m``; ``wgrad`` reduces over rows (its ``BK``) with a fixed 128×128 output block. Small
+    ``up`` computes a ``BM × 2·BN`` block (gate and up columns interleaved, one wide dot) and ``dh`` has an
+    epilogue with a ``BM × 2·BN`` load, so their N block is narrower at large ``block_m`` and they take 8 warps
+    at ``block_m = 64`` (on 4 warps ptxas spilled ``dh``); ``wgrad`` reduces over rows (its ``BK``) with a fixed
+    128×128 output block. Small
     ``block_m`` (decode) is memory bound: a deeper pipeline over a longer K block keeps loads in flight.
     """
     if interpreting():
@@ -60,8 +62,8 @@ def gemm_meta(kind: str, block_m: int) -> dict:
     if block_m >= 128:
         bn = 128 if kind == "down" else 64
         return {"BN": bn, "BK": 64, "num_warps": 8, "num_stages": 4 if kind == "down" else 3}
-    if block_m == 64:
-        return {"BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4}
+    if block_m == 64:  # up/dh: a 64 × 256 float32 block (the wide gate|up dot) needs two warpgroups
+        return {"BN": 128, "BK": 64, "num_warps": 8 if kind in ("up", "dh") else 4, "num_stages": 4}
     return {"BN": 64, "BK": 128, "num_warps": 4, "num_stages": 5}
 
 

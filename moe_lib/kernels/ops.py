@@ -29,7 +29,7 @@ def _meta(kind: str, block_m: int) -> dict:
 def _tuned(kind: str):
     """An autotuned copy of a GEMM kernel (``MOE_LIB_AUTOTUNE=1``), keyed on the sizes that matter."""
     kernel = tk.GEMM_KERNELS[kind]
-    keys = {"up": ["d", "f", "BM"], "down": ["K1", "K2", "n_out", "BM"], "dh": ["d_out", "f", "BM"],
+    keys = {"up": ["d", "f", "BM"], "down": ["K1", "n_out", "BM"], "dh": ["d_out", "f", "BM"],
             "wgrad": ["M", "n_out", "SPLIT"]}[kind]
     configs = []
     for c in config.autotune_configs(kind):
@@ -65,7 +65,7 @@ def route(logits: Tensor, top_k: int, score: str, renormalize: bool, bias: Tenso
     if num_tokens == 0:
         return weights, experts
     block_e = _pow2(num_experts)
-    block_t = max(1, min(64, 4096 // block_e))
+    block_t = max(1, min(64, 2048 // block_e))  # at 4096 scores per program (BE=64, BT=64, k=8) ptxas spilled
     has_bias = bias is not None
     tk._router_kernel[(triton.cdiv(num_tokens, block_t),)](
         logits, bias.float().contiguous() if has_bias else logits, weights, experts,
@@ -195,16 +195,17 @@ def _grid(meta, width: int, kind: str):
     return grid if config.autotuning() else grid(_meta(kind, meta.block_m))
 
 
-def up(x, w_gate, w_up, meta, act: str, save_gu: bool) -> tuple[Tensor, Tensor | None]:
-    """``_up_kernel``: ``h [N, f]`` in grouped order (and the pre-activations ``[g | u] [N, 2f]`` when
-    ``save_gu``). Reference: :func:`~moe_lib.kernels.reference.up_ref`."""
+def up(x, w_gu, meta, act: str, save_gu: bool) -> tuple[Tensor, Tensor | None]:
+    """``_up_kernel``: ``h [N, f]`` in grouped order (and the pre-activations ``gu [N, 2f]``, gate and up
+    interleaved by column, when ``save_gu``) from the interleaved weights ``w_gu [E, d, 2f]``.
+    Reference: :func:`~moe_lib.kernels.reference.up_ref`."""
     n = meta.num_assignments
-    d, f = w_gate.shape[1], w_gate.shape[2]
+    d, f = w_gu.shape[1], w_gu.shape[2] // 2
     h = torch.empty(n, f, dtype=x.dtype, device=x.device)
     gu = torch.empty(n, 2 * f, dtype=x.dtype, device=x.device) if save_gu else h
     _launch("up", _grid(meta, f, "up"),
-            x, w_gate, w_up, h, gu, meta.row_assignment, meta.tile_expert, meta.tile_row, meta.offsets,
-            meta.top_k, d, f, x.stride(0), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2),
+            x, w_gu, h, gu, meta.row_assignment, meta.tile_expert, meta.tile_row, meta.offsets,
+            meta.top_k, d, f, x.stride(0), w_gu.stride(0), w_gu.stride(1), w_gu.stride(2),
             h.stride(0), gu.stride(0), block_m=meta.block_m, ACT=ACT_CODES[act], SAVE_GU=save_gu)
     return h, (gu if save_gu else None)
 
@@ -215,9 +216,9 @@ def down(h, w_down, weights_flat, meta) -> Tensor:
     f, d_out = w_down.shape[1], w_down.shape[2]
     out = _slot_buffer(meta, d_out, h)
     _launch("down", _grid(meta, d_out, "down"),
-            h, w_down, w_down, out, weights_flat, meta.row_assignment, meta.tile_expert, meta.tile_row,
-            meta.offsets, f, 0, d_out, h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2),
-            0, 0, 0, out.stride(0), block_m=meta.block_m, TWO_B=False, SCALE=True)
+            h, w_down, out, weights_flat, meta.row_assignment, meta.tile_expert, meta.tile_row,
+            meta.offsets, f, d_out, h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2),
+            out.stride(0), block_m=meta.block_m, SCALE=True)
     return out
 
 
@@ -226,16 +227,16 @@ def combine(out: Tensor, meta) -> Tensor:
     return _combine(out, meta.num_tokens, meta.top_k)
 
 
-def ffn_forward(x, weights_flat, w_gate, w_up, w_down, meta, act: str, save_gu: bool):
+def ffn_forward(x, weights_flat, w_gu, w_down, meta, act: str, save_gu: bool):
     """``h = act(x W_g) ⊙ x W_u`` per grouped row, ``out = w · h W_d`` per assignment slot, ``y = Σ_j out``."""
-    h, gu = up(x, w_gate, w_up, meta, act, save_gu)
+    h, gu = up(x, w_gu, meta, act, save_gu)
     return h, gu, combine(down(h, w_down, weights_flat, meta), meta)
 
 
 def wgrad(a: Tensor, b: Tensor, out: Tensor, weights_flat, meta, gather_a: bool, gather_b: bool, scale_a: bool,
-          b2: Tensor | None = None, out2: Tensor | None = None, split_rows: int | None = None):
-    """``_wgrad_kernel``: ``out[e] = Σ_{rows r of e} (w·) A_rᵀ B_r`` (and ``out2`` from ``b2`` with the same A
-    tiles); rows of A/B are grouped rows or, with ``gather_*``, their tokens.
+          split_rows: int | None = None):
+    """``_wgrad_kernel``: ``out[e] = Σ_{rows r of e} (w·) A_rᵀ B_r``; rows of A/B are grouped rows or, with
+    ``gather_*``, their tokens.
 
     An expert with more than ``split_rows`` rows (default :func:`config.wgrad_split_rows`, from ``N``, ``E``
     and the output size: no count is read back) is cut into units of ``split_rows`` rows that run in parallel
@@ -244,13 +245,12 @@ def wgrad(a: Tensor, b: Tensor, out: Tensor, weights_flat, meta, gather_a: bool,
     Reference: :func:`~moe_lib.kernels.reference.wgrad_ref`."""
     m, n_out = out.shape[1], out.shape[2]
     n, num_experts = meta.num_assignments, meta.num_experts
-    two = b2 is not None
     c = _meta("wgrad", 0)
     if split_rows is None:
         split_rows = config.wgrad_split_rows(n, num_experts, m, n_out, c)
     split = n > split_rows
     dummy = meta.offsets
-    part = part2 = out
+    part = out
     if split:
         max_units = num_experts + n // split_rows        # Σ max(1, ⌈n_e / R⌉) ≤ E + ⌊N / R⌋
         max_split = n // (split_rows + 1)                 # a split expert holds more than R rows
@@ -263,12 +263,11 @@ def wgrad(a: Tensor, b: Tensor, out: Tensor, weights_flat, meta, gather_a: bool,
         split_first = torch.empty_like(split_expert)
         split_count = torch.empty_like(split_expert)
         block_e = _pow2(num_experts)
-        block_s = max(1, min(64, 8192 // block_e))
+        block_s = max(1, min(64, 2048 // block_e))  # several [BS, BE] temporaries: at 8192 ptxas spilled
         tk._wgrad_schedule_kernel[(triton.cdiv(max(max_units, max_split), block_s),)](
             meta.counts, meta.offsets, unit_expert, unit_rows, unit_partial, split_expert, split_first,
             split_count, num_experts, max_units, max_split, split_rows, BE=block_e, BS=block_s)
         part = torch.empty(max_partials, m, n_out, dtype=torch.float32, device=device)
-        part2 = torch.empty_like(part) if two else part
         units = (unit_expert, unit_rows, unit_partial)
     else:
         max_units = num_experts
@@ -278,21 +277,21 @@ def wgrad(a: Tensor, b: Tensor, out: Tensor, weights_flat, meta, gather_a: bool,
             return (max_units * triton.cdiv(m, cfg["BM"]) * triton.cdiv(n_out, cfg["BN"]),)
     else:
         grid = (max_units * triton.cdiv(m, c["BM"]) * triton.cdiv(n_out, c["BN"]),)
-    _launch("wgrad", grid, a, b, b2 if two else b, out, out2 if two else out, part, part2, weights_flat,
-            meta.row_assignment, meta.offsets, *units, meta.top_k, m, n_out, a.stride(0), b.stride(0),
-            out.stride(0), out.stride(1), out.stride(2), m * n_out,
-            GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a, TWO_B=two, SPLIT=split)
+    _launch("wgrad", grid, a, b, out, part, weights_flat, meta.row_assignment, meta.offsets, *units, meta.top_k,
+            m, n_out, a.stride(0), b.stride(0), out.stride(0), out.stride(1), out.stride(2), m * n_out,
+            GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a, SPLIT=split)
     if split:
         bm, bn = (32, 32) if config.interpreting() else (64, 128)
         tk._wgrad_reduce_kernel[(max_split * triton.cdiv(m, bm) * triton.cdiv(n_out, bn),)](
-            part, part2, out, out2 if two else out, split_expert, split_first, split_count, m, n_out, m * n_out,
-            out.stride(0), out.stride(1), out.stride(2), TWO_B=two, BM=bm, BN=bn)
+            part, out, split_expert, split_first, split_count, m, n_out, m * n_out,
+            out.stride(0), out.stride(1), out.stride(2), BM=bm, BN=bn)
     return out
 
 
 def dh(dy, gu, w_down, weights_flat, meta, act: str) -> tuple[Tensor, Tensor]:
-    """``_dh_kernel``: ``[dg | du] [N, 2f]`` and the routing-weight gradient per grouped row ``[N]`` (its
-    per-block partial sums added in a fixed order). Reference: :func:`~moe_lib.kernels.reference.dh_ref`."""
+    """``_dh_kernel``: ``dgu [N, 2f]`` (``dg``, ``du`` interleaved by column, like ``gu``) and the
+    routing-weight gradient per grouped row ``[N]`` (its per-block partial sums added in a fixed order).
+    Reference: :func:`~moe_lib.kernels.reference.dh_ref`."""
     n = meta.num_assignments
     f, d_out = w_down.shape[1], w_down.shape[2]
     dgu = torch.empty(n, 2 * f, dtype=gu.dtype, device=gu.device)
@@ -308,59 +307,53 @@ def dh(dy, gu, w_down, weights_flat, meta, act: str) -> tuple[Tensor, Tensor]:
     return dgu, dw_partial.sum(1)
 
 
-def dx_slots(dgu, w_gate, w_up, meta) -> Tensor:
-    """``_down_kernel`` (backward): ``[dg | du] [W_gᵀ ; W_uᵀ]`` per assignment slot ``[T·k, d]``, the weights
-    read transposed through their strides."""
-    d, f = w_gate.shape[1], w_gate.shape[2]
+def dx_slots(dgu, w_gu, meta) -> Tensor:
+    """``_down_kernel`` (backward): ``dgu W_guᵀ`` per assignment slot ``[T·k, d]``: one GEMM over ``K = 2f``,
+    the interleaved weights read transposed through their strides."""
+    d, f2 = w_gu.shape[1], w_gu.shape[2]
     out = _slot_buffer(meta, d, dgu)
     _launch("down", _grid(meta, d, "down"),
-            dgu, w_gate, w_up, out, dgu, meta.row_assignment, meta.tile_expert, meta.tile_row,
-            meta.offsets, f, f, d, dgu.stride(0), w_gate.stride(0), w_gate.stride(2), w_gate.stride(1),
-            w_up.stride(0), w_up.stride(2), w_up.stride(1), out.stride(0),
-            block_m=meta.block_m, TWO_B=True, SCALE=False)
+            dgu, w_gu, out, dgu, meta.row_assignment, meta.tile_expert, meta.tile_row, meta.offsets,
+            f2, d, dgu.stride(0), w_gu.stride(0), w_gu.stride(2), w_gu.stride(1), out.stride(0),
+            block_m=meta.block_m, SCALE=False)
     return out
 
 
-def ffn_backward(dy, x, weights_flat, w_gate, w_up, w_down, h, gu, meta, act: str, needs):
-    """Gradients of :func:`ffn_forward` w.r.t. ``(x, weights_flat, w_gate, w_up, w_down)`` (``None`` where
-    ``needs`` is false)."""
-    f = w_gate.shape[2]
+def ffn_backward(dy, x, weights_flat, w_gu, w_down, h, gu, meta, act: str, needs):
+    """Gradients of :func:`ffn_forward` w.r.t. ``(x, weights_flat, w_gu, w_down)`` (``None`` where ``needs``
+    is false); ``dW_gu`` is one GEMM in the interleaved layout."""
     dy = dy.contiguous()
     dgu, dw_row = dh(dy, gu, w_down, weights_flat, meta, act)
-    dx = dweights = dwg = dwu = dwd = None
+    dx = dweights = dwgu = dwd = None
     if needs[1]:
         dweights = torch.zeros(meta.num_tokens * meta.top_k, dtype=torch.float32, device=x.device)
         dweights[meta.row_assignment.long()] = dw_row
     if needs[0]:
-        dx = combine(dx_slots(dgu, w_gate, w_up, meta), meta)
+        dx = combine(dx_slots(dgu, w_gu, meta), meta)
     fresh = functools.partial(torch.empty_like, memory_format=torch.contiguous_format)
-    if needs[2] and needs[3]:  # one pass over the gathered x for both
-        dwg, dwu = fresh(w_gate), fresh(w_up)
-        wgrad(x, dgu, dwg, weights_flat, meta, True, False, False, b2=dgu[:, f:], out2=dwu)
-    elif needs[2]:
-        dwg = wgrad(x, dgu, fresh(w_gate), weights_flat, meta, True, False, False)
-    elif needs[3]:
-        dwu = wgrad(x, dgu[:, f:], fresh(w_up), weights_flat, meta, True, False, False)
-    if needs[4]:
+    if needs[2]:
+        dwgu = wgrad(x, dgu, fresh(w_gu), weights_flat, meta, True, False, False)
+    if needs[3]:
         dwd = wgrad(h, dy, fresh(w_down), weights_flat, meta, False, True, True)
-    return dx, dweights, dwg, dwu, dwd
+    return dx, dweights, dwgu, dwd
 
 
 class ExpertFFNFunction(torch.autograd.Function):
-    """Autograd wrapper of the fused expert FFN: forward and backward are Triton kernels."""
+    """Autograd wrapper of the fused expert FFN on interleaved gate|up weights: forward and backward are
+    Triton kernels."""
 
     @staticmethod
-    def forward(ctx, x, weights_flat, w_gate, w_up, w_down, meta, act):
-        save = any(ctx.needs_input_grad[:5])
-        h, gu, y = ffn_forward(x, weights_flat, w_gate, w_up, w_down, meta, act, save_gu=save)
+    def forward(ctx, x, weights_flat, w_gu, w_down, meta, act):
+        save = any(ctx.needs_input_grad[:4])
+        h, gu, y = ffn_forward(x, weights_flat, w_gu, w_down, meta, act, save_gu=save)
         if save:
-            ctx.save_for_backward(x, weights_flat, w_gate, w_up, w_down, h, gu)
+            ctx.save_for_backward(x, weights_flat, w_gu, w_down, h, gu)
         ctx.meta, ctx.act = meta, act
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weights_flat, w_gate, w_up, w_down, h, gu = ctx.saved_tensors
-        grads = ffn_backward(dy, x, weights_flat, w_gate, w_up, w_down, h, gu, ctx.meta, ctx.act,
-                             ctx.needs_input_grad[:5])
+        x, weights_flat, w_gu, w_down, h, gu = ctx.saved_tensors
+        grads = ffn_backward(dy, x, weights_flat, w_gu, w_down, h, gu, ctx.meta, ctx.act,
+                             ctx.needs_input_grad[:4])
         return (*grads, None, None)

@@ -78,12 +78,27 @@ def permute_metadata_ref(experts: Tensor, num_experts: int, block_m: int, max_ti
     return counts.to(torch.int32), offsets.to(torch.int32), row_assignment, tile_expert, tile_row
 
 
+def interleave_gate_up(w_gate: Tensor, w_up: Tensor) -> Tensor:
+    """``[E, d, f]`` gate and up weights → ``[E, d, 2f]`` with columns alternating gate/up: column ``2j`` is
+    gate unit ``j``, ``2j + 1`` is up unit ``j``. One ``tl.dot`` over a ``2·BN``-wide block of it then yields
+    ``BN`` gate and ``BN`` up columns of the same hidden units (the layout of Triton's ``triton_kernels``
+    SwiGLU matmul and of SonicMoE). A copy; differentiable (its backward splits the gradient)."""
+    return torch.stack((w_gate, w_up), dim=-1).reshape(*w_gate.shape[:-1], 2 * w_gate.shape[-1])
+
+
+def split_gate_up(w_gu: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`interleave_gate_up`: the gate (even columns) and up (odd columns) halves, as strided
+    views (no copy; ``.contiguous()`` them to store)."""
+    return w_gu[..., 0::2], w_gu[..., 1::2]
+
+
 def up_ref(x: Tensor, row_assignment: Tensor, offsets: Tensor, top_k: int, w_gate: Tensor, w_up: Tensor,
            activation: str = "silu") -> tuple[Tensor, Tensor]:
     """Gather each grouped row's token and apply its expert's gated up projection.
 
-    Returns ``h [N, f] = act(x_t W_g) ⊙ (x_t W_u)`` and the pre-activations ``gu [N, 2f]`` (``[g | u]``),
-    both in grouped row order — what the first grouped GEMM with its fused epilogue writes.
+    Returns ``h [N, f] = act(x_t W_g) ⊙ (x_t W_u)`` and the pre-activations ``gu [N, 2f]`` (``g`` and ``u``
+    interleaved by column, as :func:`interleave_gate_up`), both in grouped row order — what the first grouped
+    GEMM with its fused epilogue writes.
     """
     rows = x[row_assignment.long() // top_k]
     f = w_gate.shape[-1]
@@ -95,7 +110,7 @@ def up_ref(x: Tensor, row_assignment: Tensor, offsets: Tensor, top_k: int, w_gat
             gu[r0:r1, :f] = rows[r0:r1] @ w_gate[e]
             gu[r0:r1, f:] = rows[r0:r1] @ w_up[e]
     h = ACTIVATIONS[activation](gu[:, :f]) * gu[:, f:]
-    return h, gu
+    return h, interleave_gate_up(gu[:, :f], gu[:, f:])
 
 
 def down_ref(h: Tensor, row_assignment: Tensor, offsets: Tensor, w_down: Tensor, weights_flat: Tensor | None,
@@ -133,7 +148,8 @@ def dh_ref(dy: Tensor, gu: Tensor, row_assignment: Tensor, offsets: Tensor, top_
     """Backward through the down projection and the gated activation, per grouped row ``r`` of assignment
     ``a`` (token ``t``, expert ``e``): ``G = dy_t W_d[e]ᵀ``; the routing-weight gradient
     ``∂L/∂w_a = ⟨G, h_r⟩`` (= ⟨dy_t, h_r W_d[e]⟩); ``dh = w_a G``; ``dg = dh ⊙ u ⊙ act'(g)``,
-    ``du = dh ⊙ act(g)``. Returns ``dgu [N, 2f]`` and ``dw_row [N]`` (float32)."""
+    ``du = dh ⊙ act(g)``. ``gu`` and the returned ``dgu [N, 2f]`` are interleaved by column (as
+    :func:`up_ref`); also returns ``dw_row [N]`` (float32)."""
     rows = row_assignment.long()
     dy_rows = dy[rows // top_k]
     f = w_down.shape[1]
@@ -143,7 +159,7 @@ def dh_ref(dy: Tensor, gu: Tensor, row_assignment: Tensor, offsets: Tensor, top_
         r0, r1 = bounds[e], bounds[e + 1]
         if r1 > r0:
             grad[r0:r1] = (dy_rows[r0:r1] @ w_down[e].t()).float()
-    g, u = gu[:, :f].float(), gu[:, f:].float()
+    g, u = (t.float() for t in split_gate_up(gu))
     g_req = g.detach().requires_grad_(True)
     with torch.enable_grad():
         a = ACTIVATIONS[activation](g_req)
@@ -151,7 +167,7 @@ def dh_ref(dy: Tensor, gu: Tensor, row_assignment: Tensor, offsets: Tensor, top_
     a = a.detach()
     dw_row = (grad * a * u).sum(-1)
     dh = grad * weights_flat.float()[rows].unsqueeze(-1)
-    dgu = torch.cat([dh * u * act_grad, dh * a], dim=-1).to(gu.dtype)
+    dgu = interleave_gate_up(dh * u * act_grad, dh * a).to(gu.dtype)
     return dgu, dw_row
 
 

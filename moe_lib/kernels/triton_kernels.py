@@ -6,14 +6,17 @@ Data path (one MoE FFN layer, ``T`` tokens, ``k`` choices, ``E`` experts, ``N = 
     experts ─ _metadata_small_kernel ─▶ everything below in one program, when N ≤ 4096 (decode), else:
     experts ─ _count_kernel ─▶ per-block histograms ─ _scan_kernel ─▶ per-expert prefix, counts
             ─ _schedule_kernel ─▶ offsets [E+1], tile schedule ─ _scatter_kernel ─▶ row_assignment [N]
-    x ─ _up_kernel (gather rows, two GEMMs, act(g)·u epilogue) ─▶ h [N, f] (+ g|u saved for backward)
+    x ─ _up_kernel (gather rows, one wide GEMM over interleaved gate|up, act(g)·u epilogue) ─▶ h [N, f]
+        (+ g, u interleaved [N, 2f], saved for backward)
     h ─ _down_kernel (GEMM, ·w epilogue, store to the assignment's slot) ─▶ out [T·k, d]
     out ─ _combine_kernel (Σ over the k slots, fixed order) ─▶ y [T, d]
 
 Backward: ``_dh_kernel`` (dy gathered by token, ``G = dy W_dᵀ``, epilogue: the routing-weight gradient
-``⟨G, h⟩`` and the gated activation's backward) → ``_down_kernel`` again for ``dX`` (two weight halves, no
-scale) → ``_combine_kernel``; ``_wgrad_kernel`` for ``dW_d`` and, in one pass over the gathered x,
-``dW_g`` and ``dW_u`` (per expert, a reduction over that expert's rows). No kernel uses atomics, so every result is bitwise deterministic.
+``⟨G, h⟩`` and the gated activation's backward, ``dg|du`` interleaved) → ``_down_kernel`` again for ``dX``
+(one GEMM over ``K = 2f`` against the interleaved weights, no scale) → ``_combine_kernel``; ``_wgrad_kernel``
+for ``dW_d`` and, in one pass over the gathered x, ``dW_gu`` (interleaved, one GEMM of width ``2f``), each a
+reduction over an expert's rows, split over several programs for a heavy expert (``_wgrad_schedule_kernel``,
+``_wgrad_reduce_kernel``). No kernel uses atomics, so every result is bitwise deterministic.
 
 Every address that involves a row index or an expert index is computed in 64-bit (:func:`_offset64`):
 ``T·d`` and ``E·d·f`` pass 2³¹ on real shapes (DeepSeek-V3: 256·7168·2048 ≈ 3.8·10⁹ weight elements).
@@ -256,54 +259,56 @@ def _scatter_kernel(Experts, BlockPrefix, Offsets, RowAssignment, N, E, BN: tl.c
 
 
 @triton.jit
-def _up_kernel(X, WG, WU, H, GU, RowAssignment, TileExpert, TileRow, Offsets,
+def _up_kernel(X, WGU, H, GU, RowAssignment, TileExpert, TileRow, Offsets,
                top_k, d, f, stride_x, stride_we, stride_wk, stride_wn, stride_h, stride_gu,
                ACT: tl.constexpr, SAVE_GU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                GROUP: tl.constexpr = 8):
     """``h[r] = act(x_t W_g[e]) ⊙ (x_t W_u[e])`` for a ``BM × BN`` block of one expert's rows.
 
+    ``WGU [E, d, 2f]`` holds the gate and up weights interleaved by column (``2j``: gate ``j``, ``2j+1``: up
+    ``j``; :func:`moe_lib.kernels.interleave_gate_up`), so each K step is one ``tl.dot`` of width ``2·BN``
+    (one B tile, one accumulator: the tensor cores see a wide GEMM, as in SonicMoE and Triton's
+    ``triton_kernels``) and the epilogue splits the accumulator into its gate and up halves in registers.
     The gather ``x[t]`` (``t = assignment // k``) happens inside the A-tile load: the permuted copy of the
-    tokens is never written. Both projections share the A tile; the activation and product are the
-    epilogue, so ``g`` and ``u`` reach memory only when the backward needs them (``SAVE_GU``)."""
+    tokens is never written. The activation and product are the epilogue, so ``g`` and ``u`` reach memory
+    (interleaved, as computed) only when the backward needs them (``SAVE_GU``)."""
     e, rows, rmask, nb = _tile(TileExpert, TileRow, Offsets, f, BM, BN, GROUP)
     if e < 0:
         return
     tok = tl.load(RowAssignment + rows, mask=rmask, other=0) // top_k
-    rn = nb * BN + tl.arange(0, BN)
-    nmask = rn < f
+    rn2 = nb * 2 * BN + tl.arange(0, 2 * BN)
+    nmask2 = rn2 < 2 * f
     a_ptr = X + _offset64(tok, stride_x)[:, None]
-    w_off = _offset64(e, stride_we) + rn[None, :] * stride_wn
-    acc_g = tl.zeros((BM, BN), tl.float32)
-    acc_u = tl.zeros((BM, BN), tl.float32)
+    w_off = _offset64(e, stride_we) + rn2[None, :] * stride_wn
+    acc = tl.zeros((BM, 2 * BN), tl.float32)
     for k0 in range(0, d, BK):
         rk = k0 + tl.arange(0, BK)
         kmask = rk < d
         a = tl.load(a_ptr + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b_off = w_off + _offset64(rk, stride_wk)[:, None]
-        bmask = kmask[:, None] & nmask[None, :]
-        acc_g = tl.dot(a, tl.load(WG + b_off, mask=bmask, other=0.0), acc_g)
-        acc_u = tl.dot(a, tl.load(WU + b_off, mask=bmask, other=0.0), acc_u)
-    h = _act(acc_g, ACT) * acc_u
-    omask = rmask[:, None] & nmask[None, :]
+        b = tl.load(WGU + w_off + _offset64(rk, stride_wk)[:, None], mask=kmask[:, None] & nmask2[None, :],
+                    other=0.0)
+        acc = tl.dot(a, b, acc)
+    g, u = tl.split(tl.reshape(acc, (BM, BN, 2)))
+    h = _act(g, ACT) * u
+    rn = nb * BN + tl.arange(0, BN)
     h_ptr = H + _offset64(rows, stride_h)[:, None] + rn[None, :]
-    tl.store(h_ptr, h.to(H.dtype.element_ty), mask=omask)
+    tl.store(h_ptr, h.to(H.dtype.element_ty), mask=rmask[:, None] & (rn < f)[None, :])
     if SAVE_GU:
-        gu_ptr = GU + _offset64(rows, stride_gu)[:, None] + rn[None, :]
-        tl.store(gu_ptr, acc_g.to(GU.dtype.element_ty), mask=omask)
-        tl.store(gu_ptr + f, acc_u.to(GU.dtype.element_ty), mask=omask)
+        gu_ptr = GU + _offset64(rows, stride_gu)[:, None] + rn2[None, :]
+        tl.store(gu_ptr, acc.to(GU.dtype.element_ty), mask=rmask[:, None] & nmask2[None, :])
 
 
 @triton.jit
-def _down_kernel(A, B1, B2, Out, Weights, RowAssignment, TileExpert, TileRow, Offsets,
-                 K1, K2, n_out, stride_a, stride_b1e, stride_b1k, stride_b1n, stride_b2e, stride_b2k,
-                 stride_b2n, stride_out,
-                 TWO_B: tl.constexpr, SCALE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+def _down_kernel(A, B1, Out, Weights, RowAssignment, TileExpert, TileRow, Offsets,
+                 K1, n_out, stride_a, stride_b1e, stride_b1k, stride_b1n, stride_out,
+                 SCALE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  GROUP: tl.constexpr = 8):
-    """``out[a] = (w_a ·) [A_r[:K1] B1[e] (+ A_r[K1:] B2[e])]`` stored at the row of assignment ``a``.
+    """``out[a] = (w_a ·) A_r B1[e]`` (``K1`` columns of ``A``) stored at the row of assignment ``a``.
 
     Forward: ``A = h``, ``B1 = W_d``, ``SCALE``: the routing weight is applied in the epilogue and the
     result lands directly in the token's ``j``-th slot of ``[T·k, d]`` — no scatter pass, no atomics.
-    Backward ``dX``: ``A = [dg | du]``, ``B1 = W_gᵀ``, ``B2 = W_uᵀ`` (strided views, no copy)."""
+    Backward ``dX``: ``A = dgu`` (interleaved ``[dg | du]`` columns), ``B1 = W_guᵀ`` (a strided view of the
+    interleaved weights, no copy): one GEMM with ``K1 = 2f``."""
     e, rows, rmask, nb = _tile(TileExpert, TileRow, Offsets, n_out, BM, BN, GROUP)
     if e < 0:
         return
@@ -319,14 +324,6 @@ def _down_kernel(A, B1, B2, Out, Weights, RowAssignment, TileExpert, TileRow, Of
         a = tl.load(a_ptr + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(b1 + _offset64(rk, stride_b1k)[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
         acc = tl.dot(a, b, acc)
-    if TWO_B:
-        b2 = B2 + _offset64(e, stride_b2e) + rn[None, :] * stride_b2n
-        for k0 in range(0, K2, BK):
-            rk = k0 + tl.arange(0, BK)
-            kmask = rk < K2
-            a = tl.load(a_ptr + K1 + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(b2 + _offset64(rk, stride_b2k)[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc)
     if SCALE:
         acc = acc * tl.load(Weights + assign, mask=rmask, other=0.0).to(tl.float32)[:, None]
     out_ptr = Out + _offset64(assign, stride_out)[:, None] + rn[None, :]
@@ -353,7 +350,9 @@ def _dh_kernel(DY, WD, GU, Weights, DGU, DWPartial, RowAssignment, TileExpert, T
                GROUP: tl.constexpr = 8):
     """``G = dy_t W_d[e]ᵀ`` for a ``BM × BN`` block of hidden units, with the epilogue: the routing-weight
     gradient's partial sum ``Σ_n G ⊙ act(g) ⊙ u`` (one column per hidden block, summed later in a fixed
-    order), then ``dh = w G``, ``dg = dh ⊙ u ⊙ act'(g)``, ``du = dh ⊙ act(g)``."""
+    order), then ``dh = w G``, ``dg = dh ⊙ u ⊙ act'(g)``, ``du = dh ⊙ act(g)``. ``g, u`` are read and
+    ``dg, du`` written interleaved by column (the layout of ``_up_kernel``'s saved pre-activations), one
+    ``BM × 2BN`` block each."""
     e, rows, rmask, nb = _tile(TileExpert, TileRow, Offsets, f, BM, BN, GROUP)
     if e < 0:
         return
@@ -370,17 +369,16 @@ def _dh_kernel(DY, WD, GU, Weights, DGU, DWPartial, RowAssignment, TileExpert, T
         a = tl.load(dy_ptr + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(wd + rk[:, None] * stride_wdd, mask=kmask[:, None] & nmask[None, :], other=0.0)
         acc = tl.dot(a, b, acc)
-    m = rmask[:, None] & nmask[None, :]
-    gu_ptr = GU + _offset64(rows, stride_gu)[:, None] + rn[None, :]
-    g = tl.load(gu_ptr, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + f, mask=m, other=0.0).to(tl.float32)
+    rn2 = nb * 2 * BN + tl.arange(0, 2 * BN)
+    m2 = rmask[:, None] & (rn2 < 2 * f)[None, :]
+    gu = tl.load(GU + _offset64(rows, stride_gu)[:, None] + rn2[None, :], mask=m2, other=0.0).to(tl.float32)
+    g, u = tl.split(tl.reshape(gu, (BM, BN, 2)))
     a_g = _act(g, ACT)
     partial = tl.sum(acc * a_g * u, axis=1)
     tl.store(DWPartial + _offset64(rows, stride_dwp) + nb, partial, mask=rmask)
     dh = acc * tl.load(Weights + assign, mask=rmask, other=0.0).to(tl.float32)[:, None]
-    dgu_ptr = DGU + _offset64(rows, stride_dgu)[:, None] + rn[None, :]
-    tl.store(dgu_ptr, (dh * u * _act_grad(g, ACT)).to(DGU.dtype.element_ty), mask=m)
-    tl.store(dgu_ptr + f, (dh * a_g).to(DGU.dtype.element_ty), mask=m)
+    dgu = tl.reshape(tl.join(dh * u * _act_grad(g, ACT), dh * a_g), (BM, 2 * BN))
+    tl.store(DGU + _offset64(rows, stride_dgu)[:, None] + rn2[None, :], dgu.to(DGU.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -430,10 +428,10 @@ def _wgrad_schedule_kernel(Counts, Offsets, UnitExpert, UnitRows, UnitPartial, S
 
 
 @triton.jit
-def _wgrad_kernel(A, B, B2, DW, DW2, Partial, Partial2, Weights, RowAssignment, Offsets, UnitExpert, UnitRows,
+def _wgrad_kernel(A, B, DW, Partial, Weights, RowAssignment, Offsets, UnitExpert, UnitRows,
                   UnitPartial, top_k, M, n_out, stride_a, stride_b, stride_dwe, stride_dwm, stride_dwn, stride_p,
-                  GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, TWO_B: tl.constexpr,
-                  SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr, SPLIT: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   GROUP: tl.constexpr = 8):
     """``dW[e] = Σ_{rows r of e} (w_r ·) A_rᵀ B_r`` for one ``BM × BN`` block of expert ``e``'s weight.
 
@@ -444,7 +442,8 @@ def _wgrad_kernel(A, B, B2, DW, DW2, Partial, Partial2, Weights, RowAssignment, 
     ``Offsets[e]:Offsets[e+1]``; with ``SPLIT`` a unit is a row range from :func:`_wgrad_schedule_kernel` —
     a heavy expert's units reduce disjoint rows in parallel and store float32 partials (deterministic
     split-K: no atomics, summed in a fixed order by :func:`_wgrad_reduce_kernel`). An empty expert writes
-    zeros. ``TWO_B`` also computes ``dW2[e] = Σ A_rᵀ B2_r`` from the same A tiles."""
+    zeros. ``dW_g`` and ``dW_u`` are one GEMM: ``B = dgu`` interleaved gives ``dW_gu`` in the weights'
+    interleaved layout."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(n_out, BN)
@@ -473,7 +472,6 @@ def _wgrad_kernel(A, B, B2, DW, DW2, Partial, Partial2, Weights, RowAssignment, 
     mmask = rm < M
     nmask = rn < n_out
     acc = tl.zeros((BM, BN), tl.float32)
-    acc2 = tl.zeros((BM, BN), tl.float32)
     for k0 in range(r0, r1, BK):
         rk = k0 + tl.arange(0, BK)
         kmask = rk < r1
@@ -494,25 +492,19 @@ def _wgrad_kernel(A, B, B2, DW, DW2, Partial, Partial2, Weights, RowAssignment, 
         b_off = _offset64(brow, stride_b)[:, None] + rn[None, :]
         bmask = kmask[:, None] & nmask[None, :]
         acc = tl.dot(at, tl.load(B + b_off, mask=bmask, other=0.0), acc)
-        if TWO_B:
-            acc2 = tl.dot(at, tl.load(B2 + b_off, mask=bmask, other=0.0), acc2)
     omask = mmask[:, None] & nmask[None, :]
     if slot >= 0:  # one of a split expert's units: a float32 partial, summed later in unit order
         p_off = _offset64(slot, stride_p) + _offset64(rm, n_out)[:, None] + rn[None, :]
         tl.store(Partial + p_off, acc, mask=omask)
-        if TWO_B:
-            tl.store(Partial2 + p_off, acc2, mask=omask)
     else:
         out = _offset64(e, stride_dwe) + _offset64(rm, stride_dwm)[:, None] + rn[None, :] * stride_dwn
         tl.store(DW + out, acc.to(DW.dtype.element_ty), mask=omask)
-        if TWO_B:
-            tl.store(DW2 + out, acc2.to(DW2.dtype.element_ty), mask=omask)
 
 
 @triton.jit
-def _wgrad_reduce_kernel(Partial, Partial2, DW, DW2, SplitExpert, SplitFirst, SplitCount, M, n_out, stride_p,
+def _wgrad_reduce_kernel(Partial, DW, SplitExpert, SplitFirst, SplitCount, M, n_out, stride_p,
                          stride_dwe, stride_dwm, stride_dwn,
-                         TWO_B: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                         BM: tl.constexpr, BN: tl.constexpr):
     """``dW[e] = Σ_s partial[first_e + s]`` for the split experts, ``s`` in increasing order (the same sum,
     bit for bit, on every run), in float32, cast once."""
     pid = tl.program_id(0)
@@ -530,15 +522,10 @@ def _wgrad_reduce_kernel(Partial, Partial2, DW, DW2, SplitExpert, SplitFirst, Sp
     omask = (rm < M)[:, None] & (rn < n_out)[None, :]
     block = _offset64(rm, n_out)[:, None] + rn[None, :]
     acc = tl.zeros((BM, BN), tl.float32)
-    acc2 = tl.zeros((BM, BN), tl.float32)
     for s in range(0, count):
         acc += tl.load(Partial + _offset64(first + s, stride_p) + block, mask=omask, other=0.0)
-        if TWO_B:
-            acc2 += tl.load(Partial2 + _offset64(first + s, stride_p) + block, mask=omask, other=0.0)
     out = _offset64(e, stride_dwe) + _offset64(rm, stride_dwm)[:, None] + rn[None, :] * stride_dwn
     tl.store(DW + out, acc.to(DW.dtype.element_ty), mask=omask)
-    if TWO_B:
-        tl.store(DW2 + out, acc2.to(DW2.dtype.element_ty), mask=omask)
 
 
 # ------------------------------------------------------------------------------------------- probes
