@@ -592,3 +592,90 @@ def test_triton_backend_serves_every_router(router, options):
     torch.manual_seed(1)  # the same random choices (GShard's coin flips) in both layers
     y = layer(x, **kwargs)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ tuned table
+
+
+def _small_candidates():
+    gemm = [{"BN": 16, "BK": 16, "num_warps": 4, "num_stages": 2},
+            {"BN": 32, "BK": 16, "num_warps": 4, "num_stages": 2}]
+    wgrad = [{**c, "BM": 16} for c in gemm]
+    return {"up": gemm, "down": gemm, "dh": gemm, "wgrad": wgrad}
+
+
+def test_tuned_table_is_read_for_its_device_only(tmp_path, monkeypatch):
+    """A (fake) table: its entry wins on the device it names, for its key only; elsewhere the heuristic."""
+    import json
+
+    from moe_lib.kernels import config
+
+    cfg = {"BN": 256, "BK": 32, "num_warps": 8, "num_stages": 3}
+    table = {"format": 1, "device": "Fake GPU 9000", "entries": [
+        {"op": "up", "block_m": 128, "k": 4096, "n": 14336, "config": cfg},
+        {"op": "wgrad_down", "block_m": 0, "k": 14336, "n": 4096, "config": {**cfg, "BM": 64}}]}
+    (tmp_path / "fake.json").write_text(json.dumps(table))
+    monkeypatch.setattr(config, "TUNED_DIR", tmp_path)
+    config.load_tables.cache_clear()
+    try:
+        assert config.gemm_meta("up", 128, "up", 4096, 14336, device="Fake GPU 9000") == cfg
+        assert config.gemm_meta("wgrad", 0, "wgrad_down", 14336, 4096, device="Fake GPU 9000")["BM"] == 64
+        heuristic = config.gemm_meta("up", 128)
+        assert config.gemm_meta("up", 128, "up", 4096, 14336, device="Other GPU") == heuristic
+        assert config.gemm_meta("up", 64, "up", 4096, 14336, device="Fake GPU 9000") == config.gemm_meta("up", 64)
+        assert config.gemm_meta("up", 128, "up", 4096, 14336) == heuristic  # the interpreter names no device
+        with pytest.raises(ValueError, match="launches the 'up' kernel, not 'down'"):
+            config.gemm_meta("down", 128, "up", 4096, 14336)
+        table["entries"][0]["config"] = {"BN": 256}
+        (tmp_path / "fake.json").write_text(json.dumps(table))
+        config.load_tables.cache_clear()
+        with pytest.raises(ValueError, match=r"fake.json is malformed: up/bm128/k4096/n14336: a 'up' config must"):
+            config.load_tables()
+    finally:
+        monkeypatch.undo()
+        config.load_tables.cache_clear()
+
+
+def test_tune_times_each_candidate_through_the_real_launch(tmp_path, monkeypatch):
+    """tune_case on a tiny shape in the interpreter, with a fake clock that reports the BN the launched kernel
+    actually received: so each candidate reaches the launch; the table picks the faster; gemm_meta reads it."""
+    import json
+
+    from moe_lib.bench.shapes import Shape
+    from moe_lib.kernels import config, tune
+    from moe_lib.kernels import triton_kernels as tk
+
+    launched = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launched.append(kwargs["BN"])
+                return self.kernel[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(tk, "GEMM_KERNELS", {k: Recorder(v) for k, v in tk.GEMM_KERNELS.items()})
+
+    def bench(fn):
+        fn()
+        return float(launched[-1])  # "time" = the BN the kernel was launched with
+
+    shape = Shape("tiny", 32, 24, 4, 2)
+    rows = tune.tune_case(shape, 20, bench, candidates=_small_candidates(), dtype=torch.float32, device="cpu")
+    assert {r["op"] for r in rows} == {"up", "down", "dh", "dx", "wgrad_gu", "wgrad_down"}
+    assert all(r["ms"] == r["config"]["BN"] for r in rows), rows
+    table = tune.build_table({"tiny/T=20": rows}, {"device": "Fake GPU 9000"})
+    assert len(table["entries"]) == 6 and all(e["config"]["BN"] == 16 for e in table["entries"])
+    (tmp_path / "fake.json").write_text(json.dumps(table))
+    monkeypatch.setattr(config, "TUNED_DIR", tmp_path)
+    config.load_tables.cache_clear()
+    try:
+        assert config.gemm_meta("down", 16, "dx", 48, 32, device="Fake GPU 9000")["BN"] == 16
+    finally:
+        monkeypatch.undo()
+        config.load_tables.cache_clear()
+    assert tune.device_slug("NVIDIA H200") == "h200"
+    assert tune.main(["--shapes", "olmoe-1b-7b"]) == 2  # no GPU here: refuses, writes nothing

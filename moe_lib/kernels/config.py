@@ -1,5 +1,10 @@
 """Block sizes for the kernels, chosen from the shape (no autotuning unless ``MOE_LIB_AUTOTUNE=1``).
 
+Per GEMM the blocks come, in order, from: a tuned table for this device (``tuned/*.json``, written on the GPU
+by ``python -m moe_lib.kernels.tune``; keyed on the GEMM — ``op``, ``block_m`` and its ``k``/``n`` sizes — like
+vLLM's per-(E, N, device) fused-MoE configs), else the heuristic of :func:`gemm_meta`. A table is used only on
+the device it names; an absent table (no GPU session has filled it yet) means the heuristic everywhere.
+
 ``block_m`` — rows of one expert per tile — is the one choice the metadata and the GEMMs must share, so it is
 fixed before the tile schedule is built. A tile is wasted where an expert's row count is not a multiple of
 ``block_m``: with ``R = T·k/E`` rows per expert on average, a tile of ``block_m ≈ R`` or smaller keeps that
@@ -19,7 +24,11 @@ follows the live tiles.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import os
+from pathlib import Path
 
 BLOCK_M_CHOICES = (16, 32, 64, 128)
 
@@ -46,8 +55,97 @@ def block_m_for(num_assignments: int, num_experts: int) -> int:
     return BLOCK_M_CHOICES[-1]
 
 
-def gemm_meta(kind: str, block_m: int) -> dict:
+#: Folder of the tuned tables, one JSON file per device (see :func:`load_tables`).
+TUNED_DIR = Path(__file__).with_name("tuned")
+TABLE_FORMAT = 1
+#: The GEMMs a table entry can name → the kernel each launches (``dx`` is the down kernel run backwards).
+TUNED_OPS = {"up": "up", "down": "down", "dh": "dh", "dx": "down", "wgrad_gu": "wgrad", "wgrad_down": "wgrad"}
+_OVERRIDES: dict[str, dict] = {}
+
+
+def table_key(op: str, block_m: int, k: int, n: int) -> str:
+    """Key of one GEMM in a tuned table: ``op``, rows per tile (0 for the weight gradients), reduction size
+    ``k`` and output width ``n`` (``up``: ``d → f``; ``down``: ``f → d_out``; ``dh``: ``d_out → f``; ``dx``:
+    ``2f → d``; ``wgrad_gu``: ``[d, 2f]``; ``wgrad_down``: ``[f, d_out]``)."""
+    if op not in TUNED_OPS:
+        raise ValueError(f"op must be one of {sorted(TUNED_OPS)}, got {op!r}")
+    return f"{op}/bm{int(block_m)}/k{int(k)}/n{int(n)}"
+
+
+def _check_config(kind: str, cfg, where: str) -> dict:
+    need = {"BN", "BK", "num_warps", "num_stages"} | ({"BM"} if kind == "wgrad" else set())
+    if not isinstance(cfg, dict) or set(cfg) != need or not all(isinstance(v, int) and v > 0 for v in cfg.values()):
+        raise ValueError(f"{where}: a {kind!r} config must map exactly {sorted(need)} to positive integers, "
+                         f"got {cfg!r}")
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def load_tables(directory: str | None = None) -> dict[str, dict[str, dict]]:
+    """Every tuned table in ``directory`` (default :data:`TUNED_DIR`): device name → {:func:`table_key` →
+    config}. A file is ``{"format": 1, "device": <torch.cuda.get_device_name()>, "entries": [{"op", "block_m",
+    "k", "n", "config": {"BN", "BK", "num_warps", "num_stages"[, "BM"]}, ...}], ...metadata}``; a malformed
+    one raises naming the file."""
+    tables: dict[str, dict[str, dict]] = {}
+    folder = Path(directory) if directory is not None else TUNED_DIR
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != TABLE_FORMAT or not isinstance(data.get("device"), str):
+                raise ValueError(f"needs 'format': {TABLE_FORMAT} and a 'device' name")
+            table = tables.setdefault(data["device"], {})
+            for entry in data["entries"]:
+                key = table_key(entry["op"], entry["block_m"], entry["k"], entry["n"])
+                table[key] = _check_config(TUNED_OPS[entry["op"]], entry["config"], key)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"tuned table {path} is malformed: {err}") from None
+    return tables
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(index)
+
+
+def device_name() -> str | None:
+    """Name of the current CUDA device, ``None`` in the interpreter or without CUDA."""
+    if interpreting():
+        return None
+    import torch
+
+    return _device_name(torch.cuda.current_device()) if torch.cuda.is_available() else None
+
+
+@contextlib.contextmanager
+def override(op: str, block_m: int, k: int, n: int, cfg: dict):
+    """Force ``cfg`` for one GEMM (any device, the interpreter included) inside the block: how
+    ``python -m moe_lib.kernels.tune`` times each candidate through the real launchers."""
+    key = table_key(op, block_m, k, n)
+    _OVERRIDES[key] = _check_config(TUNED_OPS[op], dict(cfg), key)
+    try:
+        yield
+    finally:
+        del _OVERRIDES[key]
+
+
+def tuned_meta(op: str, block_m: int, k: int, n: int, device: str | None = None) -> dict | None:
+    """The tuned config of one GEMM on ``device`` (default: the current one), or ``None``."""
+    key = table_key(op, block_m, k, n)
+    if key in _OVERRIDES:
+        return dict(_OVERRIDES[key])
+    device = device if device is not None else device_name()
+    hit = load_tables().get(device, {}).get(key) if device is not None else None
+    return dict(hit) if hit is not None else None
+
+
+def gemm_meta(kind: str, block_m: int, op: str | None = None, k: int | None = None, n: int | None = None,
+              device: str | None = None) -> dict:
     """``BN``, ``BK``, ``num_warps``, ``num_stages`` of one grouped GEMM kernel for a given ``block_m``.
+
+    With ``op``, ``k``, ``n`` (the GEMM, see :func:`table_key`) a tuned table entry for ``device`` (default:
+    the current CUDA device) wins; otherwise, or where the table has no entry, the heuristic below.
 
     ``up`` computes a ``BM × 2·BN`` block (gate and up columns interleaved, one wide dot) and ``dh`` has an
     epilogue with a ``BM × 2·BN`` load, so their N block is narrower at large ``block_m`` and they take 8 warps
@@ -55,6 +153,12 @@ def gemm_meta(kind: str, block_m: int) -> dict:
     128×128 output block. Small
     ``block_m`` (decode) is memory bound: a deeper pipeline over a longer K block keeps loads in flight.
     """
+    if op is not None and k is not None and n is not None:
+        if TUNED_OPS.get(op) != kind:
+            raise ValueError(f"op {op!r} launches the {TUNED_OPS.get(op)!r} kernel, not {kind!r}")
+        hit = tuned_meta(op, block_m, k, n, device)
+        if hit is not None:
+            return hit
     if interpreting():
         return {"BN": 32, "BK": 32} if kind != "wgrad" else {"BM": 32, "BN": 32, "BK": 16}
     if kind == "wgrad":

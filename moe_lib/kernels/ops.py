@@ -21,8 +21,10 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _meta(kind: str, block_m: int) -> dict:
-    return config.gemm_meta(kind, block_m)
+def _meta(kind: str, block_m: int, gemm: tuple | None = None) -> dict:
+    """Blocks of kernel ``kind``; ``gemm = (op, k, n)`` names the GEMM for the tuned table."""
+    op, k, n = gemm if gemm is not None else (None, None, None)
+    return config.gemm_meta(kind, block_m, op, k, n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,13 +43,14 @@ def _tuned(kind: str):
     return triton.autotune(configs=configs, key=keys, reset_to_zero=reset)(kernel)
 
 
-def _launch(kind: str, grid, *args, block_m: int | None = None, **constexprs):
-    """Launch GEMM kernel ``kind``: with the heuristic blocks, or autotuned when enabled."""
+def _launch(kind: str, grid, *args, block_m: int | None = None, gemm: tuple | None = None, **constexprs):
+    """Launch GEMM kernel ``kind`` (the GEMM ``gemm = (op, k, n)``): with the tuned table's blocks for this
+    device, else the heuristic ones; autotuned when enabled."""
     if config.autotuning():
         if block_m is not None:
             constexprs["BM"] = block_m
         return _tuned(kind)[grid](*args, **constexprs)
-    meta = _meta(kind, block_m or 0)
+    meta = _meta(kind, block_m or 0, gemm)
     if block_m is not None:
         meta = {**meta, "BM": block_m}
     return tk.GEMM_KERNELS[kind][grid](*args, **constexprs, **meta)
@@ -187,12 +190,12 @@ def _slot_buffer(meta, width: int, like: Tensor) -> Tensor:
     return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
-def _grid(meta, width: int, kind: str):
+def _grid(meta, width: int, kind: str, gemm: tuple | None = None):
     """One program per (tile slot, column block); a function of the autotuner's ``BN`` when it chooses."""
     def grid(m):
         return (meta.max_tiles * triton.cdiv(width, m["BN"]),)
 
-    return grid if config.autotuning() else grid(_meta(kind, meta.block_m))
+    return grid if config.autotuning() else grid(_meta(kind, meta.block_m, gemm))
 
 
 def up(x, w_gu, meta, act: str, save_gu: bool) -> tuple[Tensor, Tensor | None]:
@@ -203,10 +206,11 @@ def up(x, w_gu, meta, act: str, save_gu: bool) -> tuple[Tensor, Tensor | None]:
     d, f = w_gu.shape[1], w_gu.shape[2] // 2
     h = torch.empty(n, f, dtype=x.dtype, device=x.device)
     gu = torch.empty(n, 2 * f, dtype=x.dtype, device=x.device) if save_gu else h
-    _launch("up", _grid(meta, f, "up"),
+    gemm = ("up", d, f)
+    _launch("up", _grid(meta, f, "up", gemm),
             x, w_gu, h, gu, meta.row_assignment, meta.tile_expert, meta.tile_row, meta.offsets,
             meta.top_k, d, f, x.stride(0), w_gu.stride(0), w_gu.stride(1), w_gu.stride(2),
-            h.stride(0), gu.stride(0), block_m=meta.block_m, ACT=ACT_CODES[act], SAVE_GU=save_gu)
+            h.stride(0), gu.stride(0), block_m=meta.block_m, gemm=gemm, ACT=ACT_CODES[act], SAVE_GU=save_gu)
     return h, (gu if save_gu else None)
 
 
@@ -215,10 +219,11 @@ def down(h, w_down, weights_flat, meta) -> Tensor:
     Reference: :func:`~moe_lib.kernels.reference.down_ref`."""
     f, d_out = w_down.shape[1], w_down.shape[2]
     out = _slot_buffer(meta, d_out, h)
-    _launch("down", _grid(meta, d_out, "down"),
+    gemm = ("down", f, d_out)
+    _launch("down", _grid(meta, d_out, "down", gemm),
             h, w_down, out, weights_flat, meta.row_assignment, meta.tile_expert, meta.tile_row,
             meta.offsets, f, d_out, h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2),
-            out.stride(0), block_m=meta.block_m, SCALE=True)
+            out.stride(0), block_m=meta.block_m, gemm=gemm, SCALE=True)
     return out
 
 
@@ -245,7 +250,8 @@ def wgrad(a: Tensor, b: Tensor, out: Tensor, weights_flat, meta, gather_a: bool,
     Reference: :func:`~moe_lib.kernels.reference.wgrad_ref`."""
     m, n_out = out.shape[1], out.shape[2]
     n, num_experts = meta.num_assignments, meta.num_experts
-    c = _meta("wgrad", 0)
+    gemm = ("wgrad_gu" if gather_a else "wgrad_down", m, n_out)
+    c = _meta("wgrad", 0, gemm)
     if split_rows is None:
         split_rows = config.wgrad_split_rows(n, num_experts, m, n_out, c)
     split = n > split_rows
@@ -279,7 +285,7 @@ def wgrad(a: Tensor, b: Tensor, out: Tensor, weights_flat, meta, gather_a: bool,
         grid = (max_units * triton.cdiv(m, c["BM"]) * triton.cdiv(n_out, c["BN"]),)
     _launch("wgrad", grid, a, b, out, part, weights_flat, meta.row_assignment, meta.offsets, *units, meta.top_k,
             m, n_out, a.stride(0), b.stride(0), out.stride(0), out.stride(1), out.stride(2), m * n_out,
-            GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a, SPLIT=split)
+            gemm=gemm, GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a, SPLIT=split)
     if split:
         bm, bn = (32, 32) if config.interpreting() else (64, 128)
         tk._wgrad_reduce_kernel[(max_split * triton.cdiv(m, bm) * triton.cdiv(n_out, bn),)](
@@ -296,14 +302,15 @@ def dh(dy, gu, w_down, weights_flat, meta, act: str) -> tuple[Tensor, Tensor]:
     f, d_out = w_down.shape[1], w_down.shape[2]
     dgu = torch.empty(n, 2 * f, dtype=gu.dtype, device=gu.device)
     # one partial sum per hidden block; the autotuner may pick any candidate BN, so size for the narrowest
-    candidates = config.autotune_configs("dh") if config.autotuning() else [_meta("dh", meta.block_m)]
+    gemm = ("dh", d_out, f)
+    candidates = config.autotune_configs("dh") if config.autotuning() else [_meta("dh", meta.block_m, gemm)]
     n_fblocks = triton.cdiv(f, min(c["BN"] for c in candidates))
     dw_partial = torch.zeros(n, n_fblocks, dtype=torch.float32, device=gu.device)
-    _launch("dh", _grid(meta, f, "dh"),
+    _launch("dh", _grid(meta, f, "dh", gemm),
             dy, w_down, gu, weights_flat, dgu, dw_partial, meta.row_assignment, meta.tile_expert, meta.tile_row,
             meta.offsets, meta.top_k, d_out, f, dy.stride(0), w_down.stride(0), w_down.stride(1),
             w_down.stride(2), gu.stride(0), dgu.stride(0), dw_partial.stride(0),
-            block_m=meta.block_m, ACT=ACT_CODES[act])
+            block_m=meta.block_m, gemm=gemm, ACT=ACT_CODES[act])
     return dgu, dw_partial.sum(1)
 
 
@@ -312,10 +319,11 @@ def dx_slots(dgu, w_gu, meta) -> Tensor:
     the interleaved weights read transposed through their strides."""
     d, f2 = w_gu.shape[1], w_gu.shape[2]
     out = _slot_buffer(meta, d, dgu)
-    _launch("down", _grid(meta, d, "down"),
+    gemm = ("dx", f2, d)
+    _launch("down", _grid(meta, d, "down", gemm),
             dgu, w_gu, out, dgu, meta.row_assignment, meta.tile_expert, meta.tile_row, meta.offsets,
             f2, d, dgu.stride(0), w_gu.stride(0), w_gu.stride(2), w_gu.stride(1), out.stride(0),
-            block_m=meta.block_m, SCALE=False)
+            block_m=meta.block_m, gemm=gemm, SCALE=False)
     return out
 
 
