@@ -84,7 +84,12 @@ class MoELayer(nn.Module):
             ``"tanh"``); ``None`` keeps the expert's default (GELU for ``mlp``, SiLU for ``glu``). Giving one
             to an expert kind without a free activation (``linear``, ``swiglu``) is an error.
         d_out: output width; ``None`` (default) keeps ``d_model`` so the output has the input's shape.
-        aux_loss_coef: weight of the load-balancing loss in ``info.aux_loss`` (Switch uses 0.01).
+        aux_loss_coef: weight of the Switch load-balancing loss in ``info.aux_loss`` (Fedus et al. 2022 use
+            0.01). ``None`` (default) takes the router's own default
+            (:attr:`~moe_lib.routers.Router.default_aux_loss_coef`): 0.01 for the top-k routers whose choice
+            the loss can balance, 0 for those it cannot or need not — ``"dense"`` (every expert is used: the
+            loss is the constant 1), ``"expert_choice"``, ``"base"`` (balanced by construction),
+            ``"hash"``, ``"soft"``, ``"auxfree"`` and ``"group_limited"`` (balanced by their bias).
         z_loss_coef: weight of the router z-loss in ``info.aux_loss`` (ST-MoE uses 0.001).
         importance_loss_coef: weight of Shazeer's importance loss ``CV(Importance)²`` (0.1 in the paper).
         load_loss_coef: weight of Shazeer's load loss ``CV(Load)²`` (0.1 in the paper); needs
@@ -129,7 +134,7 @@ class MoELayer(nn.Module):
         router_bias: bool = False,
         activation: str | None = None,
         d_out: int | None = None,
-        aux_loss_coef: float = 0.01,
+        aux_loss_coef: float | None = None,
         z_loss_coef: float = 0.0,
         importance_loss_coef: float = 0.0,
         load_loss_coef: float = 0.0,
@@ -171,6 +176,8 @@ class MoELayer(nn.Module):
             if capacity_factor is not None and ready_router is None:
                 raise ValueError(f"capacity_factor={capacity_factor!r} configures the dispatcher the layer builds; "
                                  f"dispatcher= is a ready-made {type(dispatcher).__name__}: set it there")
+        if aux_loss_coef is None:
+            aux_loss_coef = router_cls.default_aux_loss_coef
         self.aux_loss_coef = check_nonnegative_float("aux_loss_coef", aux_loss_coef)
         self.z_loss_coef = check_nonnegative_float("z_loss_coef", z_loss_coef)
         self.importance_loss_coef = check_nonnegative_float("importance_loss_coef", importance_loss_coef)

@@ -190,6 +190,9 @@ class Router(nn.Module):
     uses_capacity = True
     #: the routing carries Shazeer's smooth load estimate (the load loss, ``load_loss_coef``, needs it)
     smooth_load = False
+    #: the Switch load-balancing loss weight a layer uses unless told (Fedus et al. 2022: 0.01); 0 for routers
+    #: the loss cannot balance (every expert used, or no learned gate) or that balance otherwise
+    default_aux_loss_coef = 0.01
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, *, bias: bool = False,
                  router_dtype: str = "float32"):
@@ -247,6 +250,7 @@ class DenseRouter(Router):
     """Softmax gate over every expert: ``w = softmax(x W_g)``, ``k = E`` (Jacobs et al. 1991)."""
 
     name = "dense"
+    default_aux_loss_coef = 0.0
 
     def __init__(self, d_model: int, num_experts: int, top_k: int | None = None, *, bias: bool = False,
                  router_dtype: str = "float32"):
@@ -409,6 +413,7 @@ class ExpertChoiceRouter(Router):
     """
 
     name = "expert_choice"
+    default_aux_loss_coef = 0.0
     owns_capacity = True
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, *, bias: bool = False,
@@ -459,6 +464,7 @@ class HashRouter(Router):
     """
 
     name = "hash"
+    default_aux_loss_coef = 0.0
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 1, *, bias: bool = False,
                  hash_bits: int = 8, hash_seed: int = 0, router_dtype: str = "float32"):
@@ -542,6 +548,7 @@ class BaseRouter(Router):
     """
 
     name = "base"
+    default_aux_loss_coef = 0.0
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 1, *, bias: bool = False,
                  router_dtype: str = "float32"):
@@ -578,6 +585,7 @@ class SoftMoERouter(Router):
     """
 
     name = "soft"
+    default_aux_loss_coef = 0.0
     uses_capacity = False  # every slot is processed; nothing can be dropped
 
     def __init__(self, d_model: int, num_experts: int, top_k: int | None = None, *, bias: bool = False,
@@ -653,6 +661,7 @@ class AuxFreeRouter(TopKRouter):
     """
 
     name = "auxfree"
+    default_aux_loss_coef = 0.0
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, *, bias: bool = False, normalize: bool = True,
                  update_rate: float = 0.001, router_dtype: str = "float32"):
@@ -695,6 +704,7 @@ class GroupLimitedRouter(Router):
     """
 
     name = "group_limited"
+    default_aux_loss_coef = 0.0
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, *, bias: bool = False, normalize: bool = True,
                  score: str = "sigmoid", n_group: int = 1, topk_group: int = 1, scaling_factor: float = 1.0,

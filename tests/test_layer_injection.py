@@ -176,3 +176,16 @@ def test_router_specific_state_lives_with_the_router():
         MoELayer(8, 16, 4, router="switch", load_loss_coef=0.1)
     assert soft_layer.active_flops_per_token(num_tokens=4) == (
         soft_layer.router.flops_per_token() + 8 / 4 * soft_layer.experts.flops_per_token())
+
+
+@pytest.mark.parametrize("router, coef", [("topk", 0.01), ("switch", 0.01), ("noisy_topk", 0.01), ("gshard", 0.01),
+                                          ("dense", 0.0), ("expert_choice", 0.0), ("hash", 0.0), ("base", 0.0),
+                                          ("soft", 0.0), ("auxfree", 0.0), ("group_limited", 0.0)])
+def test_the_load_balancing_default_is_the_routers(router, coef):
+    """Issue 16: 0.01 applied by default to routers the Switch loss cannot balance (dense: the loss is the
+    constant 1) or that balance otherwise; now each router class says what its default is."""
+    layer = MoELayer(8, 16, 4, router=router)
+    assert layer.aux_loss_coef == coef == ROUTERS[router].default_aux_loss_coef
+    assert MoELayer(8, 16, 4, router=router, aux_loss_coef=0.5).aux_loss_coef == 0.5  # an explicit value wins
+    _, info = layer(torch.randn(5, 8), return_info=True, token_ids=torch.arange(5))
+    assert info.aux_losses.computed() == (("load_balance",) if coef else ())
