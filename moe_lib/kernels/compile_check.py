@@ -200,7 +200,8 @@ def collect(cases=None, arch: int = 90, dtype=None) -> list[Record]:
 
 
 #: Kernels besides the grouped GEMMs that the quick set keeps whole: the router holds a ``BT × BE`` tile and
-#: ``k`` rounds in registers, and one of its configurations spills (DeepSeek-V3's 45 checked experts).
+#: ``k`` rounds in registers, and its register use depends on more than its blocks (its ``BT=64, BE=64`` tile
+#: spilled at ``E=45``, the device check's DeepSeek-V3, and not at OLMoE's ``E=64``).
 QUICK_WHOLE = ("_router_kernel",)
 
 
