@@ -231,7 +231,7 @@ def lm_speedups(result: Mapping, reference: str = "dense") -> dict[str, list[flo
     final validation loss divided by the steps each model needs to reach it (interpolated between
     evaluations; ``nan`` where a model never does). The curves are handed to the chapter's own function."""
     from .models.comparison import SeedRun, speedups
-    from .models.training import LMHistory
+    from .models.lm_training import LMHistory
 
     steps = list(result["extra"]["eval_steps"])
     seeds = result["provenance"]["seeds"]
@@ -457,7 +457,7 @@ def _finetune_overfit(*, seed: int, seeds: int, pretrain_steps: int, finetune_st
     sparse models overfit small tasks more). Curves: held-out loss against fine-tuning step (the training
     loss on the same steps in ``train``); finals: final and best held-out loss, final gap."""
     from .corpus import stdlib_corpus
-    from .models import TransformerLM, evaluate, lm_variants, train_lm
+    from .models import TransformerLM, evaluate_lm, lm_variants, train_lm
     from .practice import finetune_lm
     from .utils import seed_everything
 
@@ -477,8 +477,8 @@ def _finetune_overfit(*, seed: int, seeds: int, pretrain_steps: int, finetune_st
                 if step == 0:
                     return
                 steps_.append(step)
-                tr.append(float(evaluate(m, task.train.to(device))["loss"]))
-                va.append(float(evaluate(m, task.val.to(device))["loss"]))
+                tr.append(float(evaluate_lm(m, task.train.to(device))["loss"]))
+                va.append(float(evaluate_lm(m, task.val.to(device))["loss"]))
                 m.train()
 
             seed_everything(s)

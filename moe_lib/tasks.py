@@ -106,7 +106,7 @@ class TaskModel(nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model: TaskModel, data: TaskData, *, use_token_ids: bool = False) -> dict[str, float]:
+def evaluate_task(model: TaskModel, data: TaskData, *, use_token_ids: bool = False) -> dict[str, float]:
     """Accuracy and cross-entropy on ``data`` (one batch, eval mode) and the routing of that batch.
 
     Keys: ``accuracy``, ``loss``, ``load_cv`` (CV of the per-expert load, Shazeer et al. 2017),
@@ -162,7 +162,7 @@ def train_and_evaluate(
     **model_kwargs,
 ):
     """Build a :class:`TaskModel` from ``seed``, train it with :func:`moe_lib.training.fit_classifier`
-    and :func:`evaluate` it on ``test``. ``model_kwargs`` go to :class:`TaskModel` (and on to
+    and :func:`evaluate_task` it on ``test``. ``model_kwargs`` go to :class:`TaskModel` (and on to
     :class:`MoELayer`). Returns ``(model, history, metrics)``; the model is back on the CPU."""
     from .training import fit_classifier
     from .utils import seed_everything
@@ -174,14 +174,14 @@ def train_and_evaluate(
     history = fit_classifier(model, tr.x, tr.y, token_ids=tr.token_ids if use_token_ids else None, steps=steps,
                              lr=lr, batch_size=batch_size, seed=seed, progress=progress)
     model = model.cpu()
-    return model, history, evaluate(model, test, use_token_ids=use_token_ids)
+    return model, history, evaluate_task(model, test, use_token_ids=use_token_ids)
 
 
 @dataclass
 class SeedRuns:
     """One setting of :func:`train_and_evaluate` run over several seeds (:func:`train_over_seeds`).
 
-    ``seeds`` in run order; ``summaries`` maps each metric of :func:`evaluate` to its
+    ``seeds`` in run order; ``summaries`` maps each metric of :func:`evaluate_task` to its
     :class:`moe_lib.stats.Summary` over the seeds (per-seed values in ``summaries[m].values``, in seed
     order, so two settings run on the same seeds compare *paired*); ``histories`` and ``models`` hold each
     seed's training history and trained model (``models`` is empty when ``keep_models=False``).

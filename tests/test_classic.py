@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_lib import MoELayer
-from moe_lib.classic import (HME, EnsembleMean, competitive_loss, cooperative_loss, em_step, fit_classifier,
+from moe_lib.classic import (HME, EnsembleMean, competitive_loss, cooperative_loss, em_step, fit_mixture_classifier,
                              fit_em, fit_ensemble, fit_experts_on_subsets, fit_gate, kmeans, local_experts,
                              mixture_output, posterior, relative_error, sparse_copy)
 from moe_lib.classic.em import irls_gate
@@ -88,13 +88,13 @@ def test_fit_classifier_arguments():
     layer = local_experts(2, 2, 2)
     x, labels = torch.randn(8, 2), torch.tensor([0, 1] * 4)
     with pytest.raises(ValueError, match="loss"):
-        fit_classifier(layer, x, labels, loss="hinge")
+        fit_mixture_classifier(layer, x, labels, loss="hinge")
     with pytest.raises(ValueError, match="optimizer"):
-        fit_classifier(layer, x, labels, optimizer="lbfgs")
+        fit_mixture_classifier(layer, x, labels, optimizer="lbfgs")
     with pytest.raises(ValueError, match="criterion"):
-        fit_classifier(layer, x, labels, criterion=1.5)
+        fit_mixture_classifier(layer, x, labels, criterion=1.5)
     with pytest.raises(TypeError, match="router='dense'"):
-        fit_classifier(torch.nn.Linear(2, 2), x, labels, loss="competitive")
+        fit_mixture_classifier(torch.nn.Linear(2, 2), x, labels, loss="competitive")
 
 
 @pytest.mark.parametrize("loss", ["competitive", "cooperative"])
@@ -106,7 +106,7 @@ def test_mixture_learns_a_problem_only_experts_can_split(loss):
     labels = ((x[:, 1] > 0) ^ (x[:, 0] > 0)).long()
     torch.manual_seed(1)
     layer = local_experts(2, 2, 4)
-    result = fit_classifier(layer, x * 3, labels, loss=loss, epochs=1500, lr=0.1, criterion=0.9)
+    result = fit_mixture_classifier(layer, x * 3, labels, loss=loss, epochs=1500, lr=0.1, criterion=0.9)
     assert result.epochs_to_criterion is not None
     assert result.accuracy[-1] > 0.9
     assert result.loss[-1] < result.loss[0]

@@ -163,7 +163,7 @@ def test_default_folder_is_the_books_full_scale_folder():
 
 def test_lm_speedups_match_the_chapters_step_basis_speedup():
     from moe_lib.models.comparison import SeedRun, speedups
-    from moe_lib.models.training import LMHistory
+    from moe_lib.models.lm_training import LMHistory
 
     result = _synthetic({"dense": [[3.0, 2.0, 1.5, 1.4], [3.0, 2.5, 2.0, 1.8]],
                          "moe": [[2.9, 1.8, 1.4, 1.2], [3.1, 2.9, 2.6, 2.4]]})

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moe_lib.corpus import fixed_windows, spread_windows
-from moe_lib.models import LMConfig, LMHistory, TransformerLM, evaluate, lm_variants
+from moe_lib.models import LMConfig, LMHistory, TransformerLM, evaluate_lm, lm_variants
 from moe_lib.models.comparison import SeedRun, loss_on_windows, speedups, train_over_seeds
 
 
@@ -31,7 +31,7 @@ def test_loss_on_windows_matches_evaluate():
     data = torch.randint(0, 256, (200,))
     x, y = fixed_windows(data, 8)
     got = loss_on_windows(model, x, y, batch_size=7)
-    assert got == pytest.approx(evaluate(model, data, max_windows=None)["loss"], rel=1e-6)
+    assert got == pytest.approx(evaluate_lm(model, data, max_windows=None)["loss"], rel=1e-6)
 
 
 def _tiny_configs():

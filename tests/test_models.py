@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moe_lib import seed_everything
-from moe_lib.models import (LMConfig, TransformerLM, evaluate, flops_per_token, lm_variants, load_checkpoint,
+from moe_lib.models import (LMConfig, TransformerLM, evaluate_lm, flops_per_token, lm_variants, load_checkpoint,
                             model_from_checkpoint, parameter_counts, train_lm)
 from moe_lib.models.analysis import consecutive_reuse, reuse_by_chance, routing_trace, top_expert_change
 
@@ -80,10 +80,10 @@ def test_training_reduces_loss_and_evaluate_bits():
     seed_everything(0, threads=1)
     train, val = _data()
     model = TransformerLM(tiny_variants()["top-2"])
-    before = evaluate(model, val, max_windows=8)
+    before = evaluate_lm(model, val, max_windows=8)
     history = train_lm(model, train, steps=40, batch_size=8, val_data=val, eval_every=20, eval_windows=8,
                        progress=False)
-    after = evaluate(model, val, max_windows=8)
+    after = evaluate_lm(model, val, max_windows=8)
     assert after["loss"] < before["loss"] - 1.0
     assert after["bits_per_byte"] == pytest.approx(after["loss"] / torch.log(torch.tensor(2.0)).item())
     assert history.eval_step == [0, 20, 40] and len(history.train_loss) == 40

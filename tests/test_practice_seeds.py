@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moe_lib import seed_everything
-from moe_lib.models import LMConfig, TransformerLM, evaluate, train_lm
+from moe_lib.models import LMConfig, TransformerLM, evaluate_lm, train_lm
 from moe_lib.practice import (domain_subset, finetune_recipes, merge_finetunes, merge_task_experts, per_seed_values,
                               upcycling_comparison)
 from moe_lib.tasks import TaskData, TaskModel, multi_domain_task
@@ -28,7 +28,7 @@ def pretrained():
         seed_everything(0)
         model = TransformerLM(cfg)
         train_lm(model, _data(), steps=2, batch_size=4, progress=False)
-        evaluate(model, _data(600, 1))  # leaves no autograd graph in the MoE layers' last_info
+        evaluate_lm(model, _data(600, 1))  # leaves no autograd graph in the MoE layers' last_info
         out[name] = model
     return out
 

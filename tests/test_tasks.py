@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moe_lib.tasks import TaskModel, domain_expert_counts, evaluate, multi_domain_task, train_and_evaluate
+from moe_lib.tasks import TaskModel, domain_expert_counts, evaluate_task, multi_domain_task, train_and_evaluate
 from moe_lib.training import fit_classifier
 
 
@@ -53,7 +53,7 @@ def test_evaluate_and_specialisation_counts():
     torch.manual_seed(0)
     data = multi_domain_task(300, seed=0)
     model = TaskModel(16, 4, num_experts=4, top_k=2, capacity_factor=0.5)
-    metrics = evaluate(model, data)
+    metrics = evaluate_task(model, data)
     assert 0 <= metrics["dropped_fraction"] <= 1 and metrics["dropped_fraction"] > 0
     counts = domain_expert_counts(model, data, 8)
     assert counts.shape == (8, 4) and int(counts.sum()) == 300

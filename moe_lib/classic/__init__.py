@@ -12,7 +12,7 @@ from .em import (EMResult, TrainerCurves, arm_problem, compare_trainers, describ
                  relative_error)
 from .hme import HME
 from .losses import competitive_loss, cooperative_loss, mixture_output, posterior
-from .mixture import FitResult, accuracy, expert_usage, fit_classifier, local_experts, mlp
+from .mixture import FitResult, accuracy, expert_usage, fit_mixture_classifier, local_experts, mlp
 from .two_stage import (EnsembleMean, fit_end_to_end, fit_ensemble, fit_experts_on_subsets, fit_gate,
                         gate_from_centres, kmeans, per_seed, ratio_verdict, recipe_summary, sparse_copy, top_expert_error,
                         train_recipes)
@@ -20,7 +20,7 @@ from .two_stage import (EnsembleMean, fit_end_to_end, fit_ensemble, fit_experts_
 __all__ = [
     "EMResult", "EnsembleMean", "FitResult", "HME", "TrainerCurves", "accuracy", "arm_problem", "compare_trainers",
     "competitive_loss", "cooperative_loss", "describe_reached", "epochs_to_reach", "least_squares_error",
-    "em", "em_step", "epochs_to_converge", "expert_usage", "fit_classifier", "fit_em", "fit_end_to_end", "fit_ensemble", "fit_experts_on_subsets",
+    "em", "em_step", "epochs_to_converge", "expert_usage", "fit_mixture_classifier", "fit_em", "fit_end_to_end", "fit_ensemble", "fit_experts_on_subsets",
     "fit_gate", "fit_gradient", "gate_from_centres", "hme", "irls_gate", "kmeans", "local_experts", "losses", "mixture",
     "mixture_output", "mlp", "per_seed", "posterior", "ratio_verdict", "recipe_summary", "relative_error", "sparse_copy", "top_expert_error", "train_recipes", "two_stage",
 ]

@@ -18,7 +18,7 @@ from .._validate import check_choice, check_int, check_nonnegative_float, check_
 from ..layer import MoELayer
 from .losses import competitive_loss, cooperative_loss, mixture_output
 
-#: Losses :func:`fit_classifier` accepts. ``competitive``/``cooperative`` need a dense-router
+#: Losses :func:`fit_mixture_classifier` accepts. ``competitive``/``cooperative`` need a dense-router
 #: :class:`MoELayer`; ``squared`` (``‖d − f(x)‖²``) takes any module, e.g. a back-propagation MLP.
 LOSSES = ("competitive", "cooperative", "squared")
 OPTIMIZERS = ("sgd", "adam")
@@ -86,7 +86,7 @@ def one_hot(labels: Tensor, num_classes: int) -> Tensor:
     return nn.functional.one_hot(labels, num_classes).to(torch.get_default_dtype())
 
 
-def fit_classifier(
+def fit_mixture_classifier(
     model: nn.Module,
     x: Tensor,
     labels: Tensor,

@@ -110,7 +110,7 @@ def train_with_snapshots(cfg, train_data: Tensor, probe: Tensor, *, steps: int, 
     [B, L]`` at step 0 and every ``snapshot_every`` steps. Returns ``(model, snapshots)`` with
     ``snapshots[step]`` the trace at that step."""
     from ..utils import seed_everything
-    from .training import train_lm
+    from .lm_training import train_lm
     from .transformer import TransformerLM
 
     seed_everything(seed)

@@ -20,7 +20,7 @@ from torch import Tensor
 from .._validate import check_int
 from ..corpus import spread_windows
 from ..utils import seed_everything
-from .training import LMHistory, loss_on_windows, steps_to_reach, train_lm
+from .lm_training import LMHistory, loss_on_windows, steps_to_reach, train_lm
 from .transformer import LMConfig, TransformerLM
 
 __all__ = ["SeedRun", "loss_on_windows", "train_over_seeds", "speedups"]

@@ -195,7 +195,7 @@ def finetune_lm(pretrained: nn.Module, train_data: Tensor, val_data: Tensor, *, 
     """
     import copy
 
-    from ..models.training import evaluate, train_lm
+    from ..models.lm_training import evaluate_lm, train_lm
 
     model = copy.deepcopy(pretrained)
     has_moe = any(isinstance(m, MoELayer) for m in model.modules())
@@ -211,8 +211,8 @@ def finetune_lm(pretrained: nn.Module, train_data: Tensor, val_data: Tensor, *, 
                        seed=seed, eval_every=eval_every, callback=callback, progress=False)
     for p in model.parameters():
         p.requires_grad_(True)
-    tr = evaluate(model, train_data, max_windows=eval_windows)["loss"]
-    va = evaluate(model, val_data, max_windows=eval_windows)["loss"]
+    tr = evaluate_lm(model, train_data, max_windows=eval_windows)["loss"]
+    va = evaluate_lm(model, val_data, max_windows=eval_windows)["loss"]
     out = {"model": model, "history": history, "train_loss": tr, "val_loss": va, "gap": va - tr,
            "trainable": sum(trainable.values()), "drift": float("nan"), "utilisation": None}
     if before is not None:

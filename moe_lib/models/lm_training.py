@@ -61,7 +61,7 @@ def loss_on_windows(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 25
     return total / y.numel()
 
 
-def evaluate(model: nn.Module, data: Tensor, *, seq_len: int | None = None, batch_size: int = 32,
+def evaluate_lm(model: nn.Module, data: Tensor, *, seq_len: int | None = None, batch_size: int = 32,
              max_windows: int | None = 64) -> dict[str, float]:
     """Mean next-byte cross-entropy (``loss``, nats) and ``bits_per_byte`` (= loss / ln 2 for a
     byte-level model) on the first ``max_windows`` non-overlapping windows of ``data``."""
@@ -166,7 +166,7 @@ def train_lm(
     def run_eval(step: int) -> None:
         if val_data is not None and (not history.eval_step or history.eval_step[-1] != step):
             history.eval_step.append(step)
-            history.val_loss.append(evaluate(model, val_data, max_windows=eval_windows)["loss"])
+            history.val_loss.append(evaluate_lm(model, val_data, max_windows=eval_windows)["loss"])
 
     if start == 0:
         run_eval(0)
