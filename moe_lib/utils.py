@@ -14,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+def relative_norm_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``‖out − ref‖ / ‖ref‖`` in float64 (``‖out − ref‖`` when the reference is zero; NaN anywhere gives NaN):
     how the library's equivalence checks (Hugging Face interop, the benchmark, the kernels' GPU check)
     compare an implementation with its reference."""

@@ -71,7 +71,7 @@ def test_routings_are_valid(kind):
     assert all(len(set(r)) == 3 for r in idx.tolist()) and idx.min() >= 0 and idx.max() < 8
     w2, idx2 = H.make_routing(kind, x, shape, seed=1, router_weight=wr)
     assert torch.equal(idx, idx2) and torch.equal(w, w2)  # seeded
-    stats = H.routing_stats(idx, 8)
+    stats = H.assignment_stats(idx, 8)
     assert stats["experts_touched"] + stats["empty_experts"] == 8 and stats["mean_load"] == 15.0
     if kind == "balanced":
         assert stats["max_load"] == 15 and stats["imbalance"] == 1.0
@@ -82,8 +82,8 @@ def test_zipf_is_skewed_and_router_needs_weights():
     x = torch.randn(256, 8)
     _, zipf = H.make_routing("zipf", x, shape, seed=0, zipf_s=1.2)
     _, bal = H.make_routing("balanced", x, shape, seed=0)
-    assert H.routing_stats(zipf, 64)["imbalance"] > 3 > H.routing_stats(bal, 64)["imbalance"]
-    assert H.routing_stats(zipf, 64)["empty_experts"] > 0
+    assert H.assignment_stats(zipf, 64)["imbalance"] > 3 > H.assignment_stats(bal, 64)["imbalance"]
+    assert H.assignment_stats(zipf, 64)["empty_experts"] > 0
     with pytest.raises(ValueError, match="router_weight"):
         H.make_routing("router", x, shape, seed=0)
     with pytest.raises(ValueError, match="accepted"):
@@ -126,12 +126,12 @@ def test_reference_matches_autograd_of_the_layer():
         assert H.grad_error([t.grad for t in leaves[1:]], ref["dw"]) < 1e-5
 
 
-def test_relative_error_and_check_experts():
+def test_relative_norm_error_and_check_experts():
     a = torch.tensor([3.0, 4.0])
-    assert H.relative_error(a, a) == 0.0
-    assert H.relative_error(torch.zeros(2), a) == 1.0
-    assert H.relative_error(a, torch.zeros(2)) == 5.0  # absolute when the reference is zero
-    assert math.isnan(H.relative_error(torch.tensor([float("nan"), 0.0]), a))
+    assert H.relative_norm_error(a, a) == 0.0
+    assert H.relative_norm_error(torch.zeros(2), a) == 1.0
+    assert H.relative_norm_error(a, torch.zeros(2)) == 5.0  # absolute when the reference is zero
+    assert math.isnan(H.relative_norm_error(torch.tensor([float("nan"), 0.0]), a))
     assert H.check_experts(torch.zeros(4, 2, dtype=torch.long), 8) == list(range(8))
     idx = torch.randint(0, 256, (100, 8))
     chosen = H.check_experts(idx, 256)

@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 import moe_lib  # noqa: E402
 from moe_lib.interop import FAMILIES, PatchedMoEBlock, patched_blocks, reset_routing_stats  # noqa: E402
 from moe_lib.interop.patch import SUPPORTED_MODEL_TYPES, _hf_tensors, random_model  # noqa: E402
-from moe_lib.utils import relative_error  # noqa: E402
+from moe_lib.utils import relative_norm_error  # noqa: E402
 
 TOL = 1e-5
 FAMILY_LIST = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "switch_transformers"]
@@ -70,7 +70,7 @@ def test_patched_model_equals_original(family):
     with torch.no_grad():
         expected = reference(**inputs).logits
         got = model(**inputs).logits
-    assert relative_error(got, expected) <= TOL
+    assert relative_norm_error(got, expected) <= TOL
     prompt = _inputs(family, batch=2, seq=6, seed=1)["input_ids"]
     kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False)
     out_ref, out = reference.generate(prompt, **kw), model.generate(prompt, **kw)
@@ -89,7 +89,7 @@ def test_training_step_gradients_equal_the_original(family):
     labels = inputs.get("decoder_input_ids", inputs["input_ids"])
     out = model(**inputs, labels=labels, output_router_logits=True)
     out_ref = reference(**inputs, labels=labels, output_router_logits=True)
-    assert relative_error(out.loss.detach(), out_ref.loss.detach()) <= TOL
+    assert relative_norm_error(out.loss.detach(), out_ref.loss.detach()) <= TOL
     # the router logits transformers collected, and the auxiliary losses it computed from them
     logit_keys = [k for k in out_ref.keys() if k.endswith("router_logits")]
     loss_keys = [k for k in out_ref.keys() if k.endswith(("aux_loss", "z_loss"))]
@@ -97,11 +97,11 @@ def test_training_step_gradients_equal_the_original(family):
     for key in logit_keys:
         assert len(out[key]) == len(out_ref[key]) == 2, key  # Switch: 2 sparse layers per stack
         for a, b in zip(out[key], out_ref[key]):
-            assert relative_error(a.detach(), b.detach()) <= 1e-6, key
+            assert relative_norm_error(a.detach(), b.detach()) <= 1e-6, key
     assert bool(loss_keys) == (family != "deepseek_v3")  # DeepSeek-V3 balances without an auxiliary loss
     for key in loss_keys:
         assert float(out_ref[key].detach()) > 0, key
-        assert relative_error(out[key].detach(), out_ref[key].detach()) <= TOL, key
+        assert relative_norm_error(out[key].detach(), out_ref[key].detach()) <= TOL, key
     out.loss.backward()
     out_ref.loss.backward()
     blocks = patched_blocks(model)
@@ -114,7 +114,7 @@ def test_training_step_gradients_equal_the_original(family):
     expected = {n: torch.zeros_like(p) if p.grad is None else p.grad
                 for n, p in reference.named_parameters() if p.requires_grad}
     assert set(grads) == set(expected)
-    worst = max(relative_error(grads[n], expected[n]) for n in expected)
+    worst = max(relative_norm_error(grads[n], expected[n]) for n in expected)
     assert worst <= TOL, worst
     # the routers do get a gradient (from the task loss and the load-balancing loss)
     assert all(b.moe.router.gate.weight.grad.abs().sum() > 0 for _, b in patched_blocks(model))
@@ -155,7 +155,7 @@ def test_training_the_patched_model_carries_over_to_unpatch():
     for k, v in held.items():
         assert torch.equal(after[k], v)
         assert not torch.equal(after[k], before[k]) or k.endswith("e_score_correction_bias"), k
-    assert max(relative_error(after[k], trained[k]) for k in trained) <= TOL
+    assert max(relative_norm_error(after[k], trained[k]) for k in trained) <= TOL
 
 
 def test_save_pretrained_after_unpatch_writes_the_original_format(tmp_path):
@@ -178,8 +178,8 @@ def test_router_logits_reach_hooks_installed_before_patching():
         after = model(**inputs, output_router_logits=True)
     assert len(after.router_logits) == len(before.router_logits) == 2
     for a, b in zip(after.router_logits, before.router_logits):
-        assert relative_error(a, b) <= 1e-6
-    assert relative_error(after.aux_loss, before.aux_loss) <= TOL
+        assert relative_norm_error(a, b) <= 1e-6
+    assert relative_norm_error(after.aux_loss, before.aux_loss) <= TOL
 
 
 def test_router_logits_after_unpatching_when_hooks_came_while_patched():
@@ -193,7 +193,7 @@ def test_router_logits_after_unpatching_when_hooks_came_while_patched():
         after = model(**inputs, output_router_logits=True)
         expected = reference(**inputs, output_router_logits=True)
     assert len(after.router_logits) == 2
-    assert relative_error(after.aux_loss, expected.aux_loss) == 0.0
+    assert relative_norm_error(after.aux_loss, expected.aux_loss) == 0.0
 
 
 def test_every_backend_and_backend_switch():
@@ -206,7 +206,7 @@ def test_every_backend_and_backend_switch():
         for _, b in patched_blocks(model):
             b.backend = backend
         with torch.no_grad():
-            assert relative_error(model(**inputs).logits, expected) <= TOL, backend
+            assert relative_norm_error(model(**inputs).logits, expected) <= TOL, backend
     other = moe_lib.patch_transformers(random_model("deepseek_v3", seed=4), backend="loop")
     assert all(b.backend == "loop" for _, b in patched_blocks(other))
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..reproducibility import git_state
-from ..utils import relative_error
+from ..utils import relative_norm_error
 from .shapes import MODES, PHASES, ROUTINGS, Shape
 
 SCHEMA = "moe_lib.bench/1"
@@ -136,7 +136,7 @@ def make_routing(kind: str, x: Tensor, shape: Shape, seed: int, router_weight: T
     return w.to(x.device), idx.to(x.device)
 
 
-def routing_stats(idx: Tensor, num_experts: int) -> dict:
+def assignment_stats(idx: Tensor, num_experts: int) -> dict:
     """Load statistics of a routing: experts touched, empty experts, max and mean assignments per expert."""
     counts = torch.bincount(idx.reshape(-1), minlength=num_experts)
     mean = idx.numel() / num_experts
@@ -712,9 +712,9 @@ def check(runner: Runner, p: Problem, ref: dict, res: dict) -> None:
         res["routing_mismatch"] = 1.0 - same.float().mean().item()
         ref = reference(x, w_own, idx_own, *p.weights, grad_out=gy, experts=list(ref.get("dw", {})),
                         router_weight=p.router_weight if case.backward else None)
-    res["relerr"] = relative_error(y, ref["y"])
+    res["relerr"] = relative_norm_error(y, ref["y"])
     if case.backward:
-        res["relerr_dx"] = relative_error(dx, ref["dx"])
+        res["relerr_dx"] = relative_norm_error(dx, ref["dx"])
         res["relerr_dw"] = grad_error(grads, ref["dw"]) if grads is not None else None
     _zero_grads(runner.params)
     tol = TOLERANCE.get(p.dtype, 3e-2)
@@ -770,7 +770,7 @@ def run_impl(impl: Impl, p: Problem, ref: dict, opts: dict, ceilings: dict | Non
         res["ms"] = ms
         res["tflops"] = case.shape.flops(case.T, case.backward) / ms / 1e9
         if case.phase == "decode" and impl.family != "baseline":  # the dense GEMM reads one expert only
-            touched = routing_stats(idx, case.shape.E)["experts_touched"]
+            touched = assignment_stats(idx, case.shape.E)["experts_touched"]
             res["TBps"] = touched * case.shape.expert_params() * p.w_gate.element_size() / ms / 1e9
             if ceilings:
                 res["bw_share"] = res["TBps"] / ceilings["copy_TBps"]
@@ -807,7 +807,7 @@ def run_case(case: Case, impls: Sequence[Impl], opts: dict, ceilings: dict | Non
         p = make_problem(case, dtype, device, seed=opts.get("seed", 0), zipf_s=opts.get("zipf_s", 1.2))
         p.memory_limit = opts.get("memory_limit_bytes")
         _, _, idx, _ = p.inputs["time"]
-        row.update(routing_stats(idx, s.E))
+        row.update(assignment_stats(idx, s.E))
         row["weight_bytes_touched"] = row["experts_touched"] * s.expert_params() * p.w_gate.element_size()
         x, w, cidx, gy = p.inputs["check"]
         keep = check_experts(cidx, s.E) if case.backward else []
@@ -940,7 +940,7 @@ def _clean(obj):
     return obj
 
 
-__all__ = ["SCHEMA", "Case", "Impl", "Problem", "Runner", "make_cases", "make_routing", "routing_stats",
-           "make_problem", "reference", "relative_error", "impl_registry", "time_ms", "measure_ceilings",
+__all__ = ["SCHEMA", "Case", "Impl", "Problem", "Runner", "make_cases", "make_routing", "assignment_stats",
+           "make_problem", "reference", "relative_norm_error", "impl_registry", "time_ms", "measure_ceilings",
            "run", "run_case", "ratio", "write_json", "case_priority", "DEFERRED_IMPLS", "MODES", "PHASES",
            "ROUTINGS"]

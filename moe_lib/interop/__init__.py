@@ -21,7 +21,7 @@ from .hf import (
     from_transformers,
     hf_routing,
     random_block,
-    relative_error,
+    relative_norm_error,
     time_implementations,
 )
 from .patch import (
@@ -36,7 +36,7 @@ from .patch import (
 )
 
 __all__ = ["FAMILIES", "SUPPORTED_BLOCKS", "ConvertedMoEBlock", "block_family", "equivalence",
-           "from_transformers", "hf_routing", "random_block", "relative_error",
+           "from_transformers", "hf_routing", "random_block", "relative_norm_error",
            "time_implementations", "SUPPORTED_MODEL_TYPES", "PatchedMoEBlock", "patch_transformers",
            "patched_blocks", "random_model", "reset_routing_stats", "routing_report",
            "unpatch_transformers"]

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..experts import ACTIVATIONS, GLUExperts, MLPExperts, SwiGLUExperts
 from ..layer import MoEInfo, MoELayer
-from ..utils import relative_error
+from ..utils import relative_norm_error
 
 #: Hugging Face block class name -> family key of :data:`FAMILIES`.
 SUPPORTED_BLOCKS: dict[str, str] = {
@@ -457,7 +457,7 @@ def equivalence(block: nn.Module, hidden_states: Tensor, converted: ConvertedMoE
     kept = info.plan.kept.gather(1, order)
     same_set = (experts == hf["experts"]).all(dim=-1)
     return {
-        "output_rel_error": relative_error(y, y_hf),
+        "output_rel_error": relative_norm_error(y, y_hf),
         "logits_max_abs_error": float((info.routing.logits - hf["logits"].to(info.routing.logits.dtype)).abs().max()),
         "expert_agreement": float(same_set.double().mean()),
         "weights_max_abs_error": float((weights - hf["weights"].to(weights.dtype)).abs().max()),
@@ -510,7 +510,7 @@ def time_implementations(block: nn.Module, hidden_states: Tensor, backends=("loo
                 out = out[0] if isinstance(out, tuple) else out
                 reference = out if reference is None else reference
                 rows.append(spread({"implementation": f"HF {impl}", "median_ms": timed(lambda: block(hidden_states)),
-                                    "rel_error": relative_error(out, reference), "note": ""}))
+                                    "rel_error": relative_norm_error(out, reference), "note": ""}))
             except Exception as exc:  # noqa: BLE001 - a kernel this CPU/torch build lacks
                 rows.append(spread({"implementation": f"HF {impl}", "median_ms": float("nan"),
                                     "rel_error": float("nan"), "note": type(exc).__name__}))
@@ -522,10 +522,10 @@ def time_implementations(block: nn.Module, hidden_states: Tensor, backends=("loo
         converted.backend = backend
         out = converted(hidden_states)
         rows.append(spread({"implementation": f"moe_lib {backend}", "median_ms": timed(lambda: converted(hidden_states)),
-                            "rel_error": relative_error(out, reference), "note": ""}))
+                            "rel_error": relative_norm_error(out, reference), "note": ""}))
     return rows
 
 
 __all__ = ["SUPPORTED_BLOCKS", "FAMILIES", "ConvertedMoEBlock", "block_family", "from_transformers",
-           "hf_routing", "equivalence", "relative_error", "random_block",
+           "hf_routing", "equivalence", "relative_norm_error", "random_block",
            "time_implementations"]

@@ -27,7 +27,7 @@ import time
 import torch
 
 from ..bench.shapes import SHAPES, SMOKE_SHAPES
-from ..utils import relative_error
+from ..utils import relative_norm_error
 
 LIMIT = 2e-2
 #: Tokens per shape on the GPU (T·k from 1,024 to 4,096 assignments: block_m 16 to 64).
@@ -95,7 +95,7 @@ def check_shape(name, d, f, num_experts, top_k, num_tokens, dtype, device, seed=
     ref = run("torch", [t.double() for t in inputs])  # float64 on the device, same rounded inputs
     names = ["y", "dx", "dweights", "dw_gate", "dw_up", "dw_down"]
     for n, a, r in zip(names, got, ref):
-        row[f"relerr_{n}"] = relative_error(a.cpu(), r.cpu())
+        row[f"relerr_{n}"] = relative_norm_error(a.cpu(), r.cpu())
     row["finite"] = all(bool(torch.isfinite(a).all()) for a in got)
     row["ok"] = (row["finite"] and row["deterministic"] and sync in ("none", "n/a (no CUDA)")
                  and all(row[f"relerr_{n}"] < LIMIT for n in names))
