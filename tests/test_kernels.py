@@ -421,6 +421,23 @@ def test_expert_ffn_other_activations(activation):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4)
 
 
+def test_persistent_grid_gives_the_same_bits(monkeypatch):
+    """MOE_LIB_PERSISTENT=1: three programs (the interpreter's 'SM count') loop over every work item of the
+    tile-slot GEMMs; forward and every gradient equal the one-program-per-item grid bit for bit."""
+    x, weights, meta, ws = _ffn_case("one_takes_all", 33, 2, 8, 32, 48, torch.float32)
+    runs = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("MOE_LIB_PERSISTENT", flag)
+        leaves = [t.clone().requires_grad_(True) for t in (x, weights, *ws)]
+        y = K.expert_ffn(leaves[0], leaves[1], meta, *leaves[2:])
+        y.pow(2).sum().backward()
+        runs.append([y.detach()] + [t.grad for t in leaves])
+    from moe_lib.kernels import config, ops
+    assert config.persistent() and ops._grid(meta, 48, "up")[0] == 3 < meta.max_tiles * 2
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_expert_ffn_is_deterministic():
     x, weights, meta, ws = _ffn_case("one_takes_all", 33, 2, 8, 32, 32, torch.float32)
     runs = []
@@ -521,7 +538,8 @@ def test_every_kernel_address_uses_offset64():
 
     from moe_lib.kernels import triton_kernels as tk
 
-    for fn in [*tk.GEMM_KERNELS.values(), tk._combine_kernel, tk._router_kernel]:
+    for fn in [*tk.GEMM_KERNELS.values(), tk._up_tile, tk._down_tile, tk._dh_tile, tk._combine_kernel,
+               tk._router_kernel, tk._wgrad_reduce_kernel]:
         src = inspect.getsource(fn.fn)
         bad = re.findall(r"\b(rows|tok|assign|arow|brow|rt|e)\s*\*\s*stride", src)
         assert not bad, f"{fn.fn.__name__} multiplies {bad} by a stride in int32"

@@ -44,6 +44,27 @@ def autotuning() -> bool:
     return os.environ.get("MOE_LIB_AUTOTUNE", "0") == "1" and not interpreting()
 
 
+def persistent() -> bool:
+    """Persistent grids for the tile-slot GEMMs (``up``, ``down``, ``dh``; ``MOE_LIB_PERSISTENT=1``, off by
+    default): :func:`persistent_programs` programs, each looping over work items, instead of one program per
+    item. Off until a GPU run shows it helps: each item still runs its own K loop with its own pipeline
+    prologue (Triton pipelines the inner loop only; overlapping the next item's loads needs its flattened
+    persistent loops, not attempted here), so what it saves is block scheduling and launch width."""
+    return os.environ.get("MOE_LIB_PERSISTENT", "0") == "1" and not autotuning()
+
+
+def persistent_programs() -> int:
+    """Programs of a persistent grid: one per SM of the current GPU (3 in the interpreter, to test the loop;
+    an H200's 132 where no GPU is visible, e.g. when compiling for sm_90 on a CPU)."""
+    if interpreting():
+        return 3
+    import torch
+
+    if not torch.cuda.is_available():
+        return 132
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
 def block_m_for(num_assignments: int, num_experts: int) -> int:
     """Rows per tile for ``num_assignments`` rows spread over ``num_experts`` experts."""
     if interpreting():

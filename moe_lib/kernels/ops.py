@@ -14,6 +14,7 @@ from . import config
 from . import triton_kernels as tk
 
 ACT_CODES = {"silu": 0, "gelu": 1, "relu": 2, "tanh": 3}
+TILE_KERNELS = ("up", "down", "dh")  # the kernels over tile slots (PERSISTENT, num_slots)
 SCATTER_BLOCK = 64  # assignments per block of the counting sort (the rank uses a BLOCK² comparison)
 
 
@@ -53,6 +54,8 @@ def _launch(kind: str, grid, *args, block_m: int | None = None, gemm: tuple | No
     meta = _meta(kind, block_m or 0, gemm)
     if block_m is not None:
         meta = {**meta, "BM": block_m}
+    if kind in TILE_KERNELS:
+        meta["PERSISTENT"] = config.persistent()
     return tk.GEMM_KERNELS[kind][grid](*args, **constexprs, **meta)
 
 
@@ -191,9 +194,11 @@ def _slot_buffer(meta, width: int, like: Tensor) -> Tensor:
 
 
 def _grid(meta, width: int, kind: str, gemm: tuple | None = None):
-    """One program per (tile slot, column block); a function of the autotuner's ``BN`` when it chooses."""
+    """One program per (tile slot, column block) — at most :func:`config.persistent_programs` with a
+    persistent grid; a function of the autotuner's ``BN`` when it chooses."""
     def grid(m):
-        return (meta.max_tiles * triton.cdiv(width, m["BN"]),)
+        work = meta.max_tiles * triton.cdiv(width, m["BN"])
+        return (min(work, config.persistent_programs()) if config.persistent() else work,)
 
     return grid if config.autotuning() else grid(_meta(kind, meta.block_m, gemm))
 
@@ -210,7 +215,8 @@ def up(x, w_gu, meta, act: str, save_gu: bool) -> tuple[Tensor, Tensor | None]:
     _launch("up", _grid(meta, f, "up", gemm),
             x, w_gu, h, gu, meta.row_assignment, meta.tile_expert, meta.tile_row, meta.offsets,
             meta.top_k, d, f, x.stride(0), w_gu.stride(0), w_gu.stride(1), w_gu.stride(2),
-            h.stride(0), gu.stride(0), block_m=meta.block_m, gemm=gemm, ACT=ACT_CODES[act], SAVE_GU=save_gu)
+            h.stride(0), gu.stride(0), meta.max_tiles, block_m=meta.block_m, gemm=gemm, ACT=ACT_CODES[act],
+            SAVE_GU=save_gu)
     return h, (gu if save_gu else None)
 
 
@@ -223,7 +229,7 @@ def down(h, w_down, weights_flat, meta) -> Tensor:
     _launch("down", _grid(meta, d_out, "down", gemm),
             h, w_down, out, weights_flat, meta.row_assignment, meta.tile_expert, meta.tile_row,
             meta.offsets, f, d_out, h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2),
-            out.stride(0), block_m=meta.block_m, gemm=gemm, SCALE=True)
+            out.stride(0), meta.max_tiles, block_m=meta.block_m, gemm=gemm, SCALE=True)
     return out
 
 
@@ -309,7 +315,7 @@ def dh(dy, gu, w_down, weights_flat, meta, act: str) -> tuple[Tensor, Tensor]:
     _launch("dh", _grid(meta, f, "dh", gemm),
             dy, w_down, gu, weights_flat, dgu, dw_partial, meta.row_assignment, meta.tile_expert, meta.tile_row,
             meta.offsets, meta.top_k, d_out, f, dy.stride(0), w_down.stride(0), w_down.stride(1),
-            w_down.stride(2), gu.stride(0), dgu.stride(0), dw_partial.stride(0),
+            w_down.stride(2), gu.stride(0), dgu.stride(0), dw_partial.stride(0), meta.max_tiles,
             block_m=meta.block_m, gemm=gemm, ACT=ACT_CODES[act])
     return dgu, dw_partial.sum(1)
 
@@ -322,7 +328,7 @@ def dx_slots(dgu, w_gu, meta) -> Tensor:
     gemm = ("dx", f2, d)
     _launch("down", _grid(meta, d, "down", gemm),
             dgu, w_gu, out, dgu, meta.row_assignment, meta.tile_expert, meta.tile_row, meta.offsets,
-            f2, d, dgu.stride(0), w_gu.stride(0), w_gu.stride(2), w_gu.stride(1), out.stride(0),
+            f2, d, dgu.stride(0), w_gu.stride(0), w_gu.stride(2), w_gu.stride(1), out.stride(0), meta.max_tiles,
             block_m=meta.block_m, gemm=gemm, SCALE=False)
     return out
 

@@ -24,7 +24,9 @@ Every address that involves a row index or an expert index is computed in 64-bit
 All GEMM grids run over a fixed number of tile slots (``m + ⌊(N − m) / block_m⌋``, ``m = min(E, N)``: the
 most tiles any routing can need, :func:`moe_lib.grouping.max_tiles`), never over a count read back from the
 device, so a forward pass launches without a host synchronisation. At decode this is the number of live tiles
-(one per chosen expert), not ``E`` spare slots per column block.
+(one per chosen expert), not ``E`` spare slots per column block. The tile-slot GEMMs (up, down, dh) keep
+their body in a ``_*_tile`` function so that, with ``PERSISTENT`` (``MOE_LIB_PERSISTENT=1``, off by default),
+a grid of one program per SM loops over the same work items in the same order.
 """
 from __future__ import annotations
 
@@ -73,15 +75,14 @@ def _act_grad(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tile(TileExpert, TileRow, Offsets, width, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
-    """This program's tile and output column block, its expert (-1: unused slot), grouped rows and mask.
+def _tile(pid, num_slots, TileExpert, TileRow, Offsets, width, BM: tl.constexpr, BN: tl.constexpr,
+          GROUP: tl.constexpr):
+    """Work item ``pid``'s tile and output column block, its expert (-1: unused slot), grouped rows and mask.
 
-    The 1-D grid enumerates (tile slot, column block) pairs in groups of ``GROUP`` tiles: the programs that
-    run together share ``GROUP`` tiles' rows and each column block's weights, so both stay in L2
-    (the grouped ordering of Triton's matmul tutorial, applied to tile slots)."""
-    pid = tl.program_id(0)
+    The ``num_slots · ⌈width / BN⌉`` work items enumerate (tile slot, column block) pairs in groups of
+    ``GROUP`` tiles: the items that run together share ``GROUP`` tiles' rows and each column block's weights,
+    so both stay in L2 (the grouped ordering of Triton's matmul tutorial, applied to tile slots)."""
     num_n = tl.cdiv(width, BN)
-    num_slots = tl.num_programs(0) // num_n
     per_group = GROUP * num_n
     first = (pid // per_group) * GROUP
     size = tl.minimum(num_slots - first, GROUP)
@@ -259,10 +260,40 @@ def _scatter_kernel(Experts, BlockPrefix, Offsets, RowAssignment, N, E, BN: tl.c
 
 
 @triton.jit
-def _up_kernel(X, WGU, H, GU, RowAssignment, TileExpert, TileRow, Offsets,
-               top_k, d, f, stride_x, stride_we, stride_wk, stride_wn, stride_h, stride_gu,
-               ACT: tl.constexpr, SAVE_GU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               GROUP: tl.constexpr = 8):
+def _up_tile(work, num_slots, X, WGU, H, GU, RowAssignment, TileExpert, TileRow, Offsets, top_k, d, f, stride_x,
+             stride_we, stride_wk, stride_wn, stride_h, stride_gu, ACT: tl.constexpr, SAVE_GU: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+    """One work item of :func:`_up_kernel` (an unused tile slot does nothing)."""
+    e, rows, rmask, nb = _tile(work, num_slots, TileExpert, TileRow, Offsets, f, BM, BN, GROUP)
+    if e >= 0:
+        tok = tl.load(RowAssignment + rows, mask=rmask, other=0) // top_k
+        rn2 = nb * 2 * BN + tl.arange(0, 2 * BN)
+        nmask2 = rn2 < 2 * f
+        a_ptr = X + _offset64(tok, stride_x)[:, None]
+        w_off = _offset64(e, stride_we) + rn2[None, :] * stride_wn
+        acc = tl.zeros((BM, 2 * BN), tl.float32)
+        for k0 in range(0, d, BK):
+            rk = k0 + tl.arange(0, BK)
+            kmask = rk < d
+            a = tl.load(a_ptr + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(WGU + w_off + _offset64(rk, stride_wk)[:, None], mask=kmask[:, None] & nmask2[None, :],
+                        other=0.0)
+            acc = tl.dot(a, b, acc)
+        g, u = tl.split(tl.reshape(acc, (BM, BN, 2)))
+        h = _act(g, ACT) * u
+        rn = nb * BN + tl.arange(0, BN)
+        h_ptr = H + _offset64(rows, stride_h)[:, None] + rn[None, :]
+        tl.store(h_ptr, h.to(H.dtype.element_ty), mask=rmask[:, None] & (rn < f)[None, :])
+        if SAVE_GU:
+            gu_ptr = GU + _offset64(rows, stride_gu)[:, None] + rn2[None, :]
+            tl.store(gu_ptr, acc.to(GU.dtype.element_ty), mask=rmask[:, None] & nmask2[None, :])
+
+
+@triton.jit
+def _up_kernel(X, WGU, H, GU, RowAssignment, TileExpert, TileRow, Offsets, top_k, d, f, stride_x, stride_we,
+               stride_wk, stride_wn, stride_h, stride_gu, num_slots, ACT: tl.constexpr, SAVE_GU: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr = 8,
+               PERSISTENT: tl.constexpr = False):
     """``h[r] = act(x_t W_g[e]) ⊙ (x_t W_u[e])`` for a ``BM × BN`` block of one expert's rows.
 
     ``WGU [E, d, 2f]`` holds the gate and up weights interleaved by column (``2j``: gate ``j``, ``2j+1``: up
@@ -272,62 +303,57 @@ def _up_kernel(X, WGU, H, GU, RowAssignment, TileExpert, TileRow, Offsets,
     The gather ``x[t]`` (``t = assignment // k``) happens inside the A-tile load: the permuted copy of the
     tokens is never written. The activation and product are the epilogue, so ``g`` and ``u`` reach memory
     (interleaved, as computed) only when the backward needs them (``SAVE_GU``)."""
-    e, rows, rmask, nb = _tile(TileExpert, TileRow, Offsets, f, BM, BN, GROUP)
-    if e < 0:
-        return
-    tok = tl.load(RowAssignment + rows, mask=rmask, other=0) // top_k
-    rn2 = nb * 2 * BN + tl.arange(0, 2 * BN)
-    nmask2 = rn2 < 2 * f
-    a_ptr = X + _offset64(tok, stride_x)[:, None]
-    w_off = _offset64(e, stride_we) + rn2[None, :] * stride_wn
-    acc = tl.zeros((BM, 2 * BN), tl.float32)
-    for k0 in range(0, d, BK):
-        rk = k0 + tl.arange(0, BK)
-        kmask = rk < d
-        a = tl.load(a_ptr + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(WGU + w_off + _offset64(rk, stride_wk)[:, None], mask=kmask[:, None] & nmask2[None, :],
-                    other=0.0)
-        acc = tl.dot(a, b, acc)
-    g, u = tl.split(tl.reshape(acc, (BM, BN, 2)))
-    h = _act(g, ACT) * u
-    rn = nb * BN + tl.arange(0, BN)
-    h_ptr = H + _offset64(rows, stride_h)[:, None] + rn[None, :]
-    tl.store(h_ptr, h.to(H.dtype.element_ty), mask=rmask[:, None] & (rn < f)[None, :])
-    if SAVE_GU:
-        gu_ptr = GU + _offset64(rows, stride_gu)[:, None] + rn2[None, :]
-        tl.store(gu_ptr, acc.to(GU.dtype.element_ty), mask=rmask[:, None] & nmask2[None, :])
+    if PERSISTENT:  # a fixed grid of programs (about one per SM), each looping over work items
+        for work in range(tl.program_id(0), num_slots * tl.cdiv(f, BN), tl.num_programs(0)):
+            _up_tile(work, num_slots, X, WGU, H, GU, RowAssignment, TileExpert, TileRow, Offsets, top_k, d, f, stride_x,
+                     stride_we, stride_wk, stride_wn, stride_h, stride_gu, ACT, SAVE_GU, BM, BN, BK, GROUP)
+    else:
+        _up_tile(tl.program_id(0), num_slots, X, WGU, H, GU, RowAssignment, TileExpert, TileRow, Offsets, top_k, d, f,
+                 stride_x, stride_we, stride_wk, stride_wn, stride_h, stride_gu, ACT, SAVE_GU, BM, BN, BK, GROUP)
 
 
 @triton.jit
-def _down_kernel(A, B1, Out, Weights, RowAssignment, TileExpert, TileRow, Offsets,
-                 K1, n_out, stride_a, stride_b1e, stride_b1k, stride_b1n, stride_out,
-                 SCALE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 GROUP: tl.constexpr = 8):
+def _down_tile(work, num_slots, A, B1, Out, Weights, RowAssignment, TileExpert, TileRow, Offsets, K1, n_out, stride_a,
+               stride_b1e, stride_b1k, stride_b1n, stride_out, SCALE: tl.constexpr, BM: tl.constexpr,
+               BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+    """One work item of :func:`_down_kernel` (an unused tile slot does nothing)."""
+    e, rows, rmask, nb = _tile(work, num_slots, TileExpert, TileRow, Offsets, n_out, BM, BN, GROUP)
+    if e >= 0:
+        assign = tl.load(RowAssignment + rows, mask=rmask, other=0)
+        rn = nb * BN + tl.arange(0, BN)
+        nmask = rn < n_out
+        a_ptr = A + _offset64(rows, stride_a)[:, None]
+        acc = tl.zeros((BM, BN), tl.float32)
+        b1 = B1 + _offset64(e, stride_b1e) + rn[None, :] * stride_b1n
+        for k0 in range(0, K1, BK):
+            rk = k0 + tl.arange(0, BK)
+            kmask = rk < K1
+            a = tl.load(a_ptr + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b1 + _offset64(rk, stride_b1k)[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc)
+        if SCALE:
+            acc = acc * tl.load(Weights + assign, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        out_ptr = Out + _offset64(assign, stride_out)[:, None] + rn[None, :]
+        tl.store(out_ptr, acc.to(Out.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _down_kernel(A, B1, Out, Weights, RowAssignment, TileExpert, TileRow, Offsets, K1, n_out, stride_a, stride_b1e,
+                 stride_b1k, stride_b1n, stride_out, num_slots, SCALE: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr = 8, PERSISTENT: tl.constexpr = False):
     """``out[a] = (w_a ·) A_r B1[e]`` (``K1`` columns of ``A``) stored at the row of assignment ``a``.
 
     Forward: ``A = h``, ``B1 = W_d``, ``SCALE``: the routing weight is applied in the epilogue and the
     result lands directly in the token's ``j``-th slot of ``[T·k, d]`` — no scatter pass, no atomics.
     Backward ``dX``: ``A = dgu`` (interleaved ``[dg | du]`` columns), ``B1 = W_guᵀ`` (a strided view of the
     interleaved weights, no copy): one GEMM with ``K1 = 2f``."""
-    e, rows, rmask, nb = _tile(TileExpert, TileRow, Offsets, n_out, BM, BN, GROUP)
-    if e < 0:
-        return
-    assign = tl.load(RowAssignment + rows, mask=rmask, other=0)
-    rn = nb * BN + tl.arange(0, BN)
-    nmask = rn < n_out
-    a_ptr = A + _offset64(rows, stride_a)[:, None]
-    acc = tl.zeros((BM, BN), tl.float32)
-    b1 = B1 + _offset64(e, stride_b1e) + rn[None, :] * stride_b1n
-    for k0 in range(0, K1, BK):
-        rk = k0 + tl.arange(0, BK)
-        kmask = rk < K1
-        a = tl.load(a_ptr + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b1 + _offset64(rk, stride_b1k)[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
-    if SCALE:
-        acc = acc * tl.load(Weights + assign, mask=rmask, other=0.0).to(tl.float32)[:, None]
-    out_ptr = Out + _offset64(assign, stride_out)[:, None] + rn[None, :]
-    tl.store(out_ptr, acc.to(Out.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+    if PERSISTENT:  # a fixed grid of programs (about one per SM), each looping over work items
+        for work in range(tl.program_id(0), num_slots * tl.cdiv(n_out, BN), tl.num_programs(0)):
+            _down_tile(work, num_slots, A, B1, Out, Weights, RowAssignment, TileExpert, TileRow, Offsets, K1, n_out,
+                       stride_a, stride_b1e, stride_b1k, stride_b1n, stride_out, SCALE, BM, BN, BK, GROUP)
+    else:
+        _down_tile(tl.program_id(0), num_slots, A, B1, Out, Weights, RowAssignment, TileExpert, TileRow, Offsets, K1,
+                   n_out, stride_a, stride_b1e, stride_b1k, stride_b1n, stride_out, SCALE, BM, BN, BK, GROUP)
 
 
 @triton.jit
@@ -344,41 +370,56 @@ def _combine_kernel(Src, Y, T, n_out, top_k, stride_src, stride_y, BT: tl.conste
 
 
 @triton.jit
-def _dh_kernel(DY, WD, GU, Weights, DGU, DWPartial, RowAssignment, TileExpert, TileRow, Offsets,
-               top_k, d_out, f, stride_dy, stride_wde, stride_wdf, stride_wdd, stride_gu, stride_dgu,
-               stride_dwp, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               GROUP: tl.constexpr = 8):
+def _dh_tile(work, num_slots, DY, WD, GU, Weights, DGU, DWPartial, RowAssignment, TileExpert, TileRow, Offsets, top_k,
+             d_out, f, stride_dy, stride_wde, stride_wdf, stride_wdd, stride_gu, stride_dgu, stride_dwp,
+             ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+    """One work item of :func:`_dh_kernel` (an unused tile slot does nothing)."""
+    e, rows, rmask, nb = _tile(work, num_slots, TileExpert, TileRow, Offsets, f, BM, BN, GROUP)
+    if e >= 0:
+        assign = tl.load(RowAssignment + rows, mask=rmask, other=0)
+        tok = assign // top_k
+        rn = nb * BN + tl.arange(0, BN)
+        nmask = rn < f
+        dy_ptr = DY + _offset64(tok, stride_dy)[:, None]
+        wd = WD + _offset64(e, stride_wde) + _offset64(rn, stride_wdf)[None, :]
+        acc = tl.zeros((BM, BN), tl.float32)
+        for k0 in range(0, d_out, BK):
+            rk = k0 + tl.arange(0, BK)
+            kmask = rk < d_out
+            a = tl.load(dy_ptr + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(wd + rk[:, None] * stride_wdd, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc)
+        rn2 = nb * 2 * BN + tl.arange(0, 2 * BN)
+        m2 = rmask[:, None] & (rn2 < 2 * f)[None, :]
+        gu = tl.load(GU + _offset64(rows, stride_gu)[:, None] + rn2[None, :], mask=m2, other=0.0).to(tl.float32)
+        g, u = tl.split(tl.reshape(gu, (BM, BN, 2)))
+        a_g = _act(g, ACT)
+        partial = tl.sum(acc * a_g * u, axis=1)
+        tl.store(DWPartial + _offset64(rows, stride_dwp) + nb, partial, mask=rmask)
+        dh = acc * tl.load(Weights + assign, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        dgu = tl.reshape(tl.join(dh * u * _act_grad(g, ACT), dh * a_g), (BM, 2 * BN))
+        tl.store(DGU + _offset64(rows, stride_dgu)[:, None] + rn2[None, :], dgu.to(DGU.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _dh_kernel(DY, WD, GU, Weights, DGU, DWPartial, RowAssignment, TileExpert, TileRow, Offsets, top_k, d_out, f,
+               stride_dy, stride_wde, stride_wdf, stride_wdd, stride_gu, stride_dgu, stride_dwp, num_slots,
+               ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr = 8,
+               PERSISTENT: tl.constexpr = False):
     """``G = dy_t W_d[e]ᵀ`` for a ``BM × BN`` block of hidden units, with the epilogue: the routing-weight
     gradient's partial sum ``Σ_n G ⊙ act(g) ⊙ u`` (one column per hidden block, summed later in a fixed
     order), then ``dh = w G``, ``dg = dh ⊙ u ⊙ act'(g)``, ``du = dh ⊙ act(g)``. ``g, u`` are read and
     ``dg, du`` written interleaved by column (the layout of ``_up_kernel``'s saved pre-activations), one
     ``BM × 2BN`` block each."""
-    e, rows, rmask, nb = _tile(TileExpert, TileRow, Offsets, f, BM, BN, GROUP)
-    if e < 0:
-        return
-    assign = tl.load(RowAssignment + rows, mask=rmask, other=0)
-    tok = assign // top_k
-    rn = nb * BN + tl.arange(0, BN)
-    nmask = rn < f
-    dy_ptr = DY + _offset64(tok, stride_dy)[:, None]
-    wd = WD + _offset64(e, stride_wde) + _offset64(rn, stride_wdf)[None, :]
-    acc = tl.zeros((BM, BN), tl.float32)
-    for k0 in range(0, d_out, BK):
-        rk = k0 + tl.arange(0, BK)
-        kmask = rk < d_out
-        a = tl.load(dy_ptr + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(wd + rk[:, None] * stride_wdd, mask=kmask[:, None] & nmask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
-    rn2 = nb * 2 * BN + tl.arange(0, 2 * BN)
-    m2 = rmask[:, None] & (rn2 < 2 * f)[None, :]
-    gu = tl.load(GU + _offset64(rows, stride_gu)[:, None] + rn2[None, :], mask=m2, other=0.0).to(tl.float32)
-    g, u = tl.split(tl.reshape(gu, (BM, BN, 2)))
-    a_g = _act(g, ACT)
-    partial = tl.sum(acc * a_g * u, axis=1)
-    tl.store(DWPartial + _offset64(rows, stride_dwp) + nb, partial, mask=rmask)
-    dh = acc * tl.load(Weights + assign, mask=rmask, other=0.0).to(tl.float32)[:, None]
-    dgu = tl.reshape(tl.join(dh * u * _act_grad(g, ACT), dh * a_g), (BM, 2 * BN))
-    tl.store(DGU + _offset64(rows, stride_dgu)[:, None] + rn2[None, :], dgu.to(DGU.dtype.element_ty), mask=m2)
+    if PERSISTENT:  # a fixed grid of programs (about one per SM), each looping over work items
+        for work in range(tl.program_id(0), num_slots * tl.cdiv(f, BN), tl.num_programs(0)):
+            _dh_tile(work, num_slots, DY, WD, GU, Weights, DGU, DWPartial, RowAssignment, TileExpert, TileRow, Offsets,
+                     top_k, d_out, f, stride_dy, stride_wde, stride_wdf, stride_wdd, stride_gu, stride_dgu, stride_dwp,
+                     ACT, BM, BN, BK, GROUP)
+    else:
+        _dh_tile(tl.program_id(0), num_slots, DY, WD, GU, Weights, DGU, DWPartial, RowAssignment, TileExpert, TileRow,
+                 Offsets, top_k, d_out, f, stride_dy, stride_wde, stride_wdf, stride_wdd, stride_gu, stride_dgu,
+                 stride_dwp, ACT, BM, BN, BK, GROUP)
 
 
 @triton.jit
