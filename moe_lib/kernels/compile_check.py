@@ -430,7 +430,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = warm(args.arch, args.workers)
         result = {"arch": args.arch, "configs": len(rows), "rows": rows, "problems": []}
     else:
-        result = run_in_subprocess(args.arch or 90, args.quick, args.workers)
+        import tempfile
+
+        # a fresh Triton cache: a kernel loaded from the cache has no ptxas log, so no registers or spills
+        with tempfile.TemporaryDirectory(prefix="moe_lib_compile_") as cache:
+            result = run_in_subprocess(args.arch or 90, args.quick, args.workers, cache_dir=cache)
         rows = result["rows"]
         print(format_table(rows))
         regs = [r["regs"] for r in rows if r.get("regs") is not None]
