@@ -96,7 +96,8 @@ def synthetic_routing(num_tokens: int, num_experts: int, top_k: int, *, zipf: fl
 # --------------------------------------------------------------------------------------------------
 
 def padding_stats(counts, capacity: int | None = None) -> dict[str, float]:
-    """Rows of the padded ``[E, C, d]`` batch that the ``torch`` backend multiplies.
+    """Rows of the padded ``[E, C, d]`` batch that a padded batched matmul multiplies
+    (:func:`moe_lib.backends.padded_backend`, chapter 11's step 2).
 
     ``C = max_e n_e`` (at most ``capacity`` when given; the plan has already dropped the rest).
     Returns ``real_rows = Σ n_e``, ``padded_rows = E·C`` (all rows the batched matmul multiplies),

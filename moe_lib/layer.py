@@ -66,7 +66,8 @@ class MoELayer(nn.Module):
         expert: ``"linear"``, ``"mlp"`` or ``"swiglu"``; see :data:`moe_lib.experts.EXPERTS`. Or a
             ready-made :class:`~moe_lib.experts.ExpertBank` of the layer's sizes (``activation`` refused),
             e.g. experts upcycled from a dense FFN or merged from other layers.
-        backend: ``"loop"`` (reference), ``"torch"`` (padded batched matmul), ``"grouped_mm"``
+        backend: ``"loop"`` (reference), ``"torch"`` (the default: each expert on its block of the grouped
+            rows, no padding; faster than the loop on the CPU), ``"grouped_mm"``
             (``torch._grouped_mm``, no padding) or ``"triton"`` (the fused kernels of :mod:`moe_lib.kernels`,
             gated experts only); see :mod:`moe_lib.backends`.
         capacity_factor: ``None`` for dropless, else each expert processes at most

@@ -150,7 +150,7 @@ def test_relative_norm_error_and_check_experts():
     (["--impls", ","], "--impls", "dense_equal_flops"),
     (["--dtype", "int8"], "--dtype", "bfloat16, float16, float32"),
     (["--device", "tpu"], "--device", "cpu, cuda"),
-    (["--device", "cpu"], "--device", "--smoke"),
+    (["--device", "cpu", "--shapes", "mixtral-8x7b"], "--device", "cpu-d128-e8"),  # production shapes need a GPU
     (["--prefill-T", "16k"], "--prefill-T", "positive integers"),
     (["--decode-T", "0,1"], "--decode-T", "positive integers"),
     (["--budget-s", "0"], "--budget-s", "> 0"),
@@ -401,3 +401,13 @@ def test_plots_draw(anchors):
                     measured=[("qwen3-30b-a3b", 16384, 211.2)])
     assert len(ax[0].patches) > 0 and len(ax[3].lines) > 5
     plt.close(fig)
+
+
+def test_cpu_runs_take_the_cpu_shapes_by_default():
+    """Issue 16, item 6: on the CPU, python -m moe_lib.bench --shapes cpu-... measures the book's three CPU shapes
+    side by side (moe_lib's loop, its default backend, the peers), at T = CPU_PREFILL_T; a bare run on the CPU
+    still refuses the production shapes (and names the CPU ones)."""
+    a = parse_args(["--device", "cpu", "--shapes", ",".join(S.CPU_SHAPES)])
+    assert [s.name for s in a.shape_list] == list(S.CPU_SHAPES) and a.prefill == list(S.CPU_PREFILL_T)
+    assert {"moe_lib_loop", "moe_lib_torch", "naive_loop", "hf_grouped_mm"} <= {i.name for i in a.impl_list}
+    assert [s.name for s in parse_args(["--device", "cpu", "--shapes", "cpu-d512-e8"]).shape_list] == ["cpu-d512-e8"]

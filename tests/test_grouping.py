@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from moe_lib import grouping as G
-from moe_lib.backends import loop_backend, torch_backend
+from moe_lib.backends import loop_backend, padded_backend
 from moe_lib.dispatch import make_plan
 from moe_lib.experts import SwiGLUExperts
 from moe_lib.metrics import expert_load
@@ -124,7 +124,7 @@ def test_grouped_flops_match_counted_flops():
     plan = make_plan(routing)
     x = torch.randn(T, d)
     assert _counted(loop_backend, experts, x, plan) == G.grouped_flops(plan.counts, d, f, "loop")
-    assert _counted(torch_backend, experts, x, plan) == G.grouped_flops(plan.counts, d, f, "padded")
+    assert _counted(padded_backend, experts, x, plan) == G.grouped_flops(plan.counts, d, f, "padded")
     assert G.grouped_flops(plan.counts, d, f, "loop") == T * k * experts.flops_per_token()
     assert G.grouped_flops(plan.counts, d, f, "grouped") == G.grouped_flops(plan.counts, d, f, "loop")
     assert G.grouped_flops(plan.counts, d, f, "fused", block_m=16) >= G.grouped_flops(plan.counts, d, f, "loop")
@@ -188,7 +188,7 @@ def test_traffic_model_equals_the_operations_torch_runs(kw):
     x = torch.randn(T, d)
     plan = make_plan(G.synthetic_routing(T, E, k, generator=torch.Generator().manual_seed(0), **kw))
     assert (plan.counts > 0).all()  # the model reads only touched experts' weights; bmm and grouped_mm read all
-    for variant, fn in (("loop", loop_backend), ("padded", torch_backend), ("grouped", _grouped_mm_backend)):
+    for variant, fn in (("loop", loop_backend), ("padded", padded_backend), ("grouped", _grouped_mm_backend)):
         with torch.no_grad():
             counted = G.count_traffic(fn, experts, x, plan)
         model = G.traffic_ops(plan.counts, T, d, f, variant)

@@ -36,8 +36,14 @@ def test_causal_future_token_does_not_change_past_logits(name):
     changed[:, 10:] = (changed[:, 10:] + 17) % 256
     with torch.no_grad():
         a, b = model(idx), model(changed)
-    assert torch.equal(a[:, :10], b[:, :10])
-    assert not torch.allclose(a[:, 10:], b[:, 10:])  # the test can fail: later logits do change
+    if name == "dense":
+        assert torch.equal(a[:, :10], b[:, :10])
+    else:
+        # An expert runs on its block of rows, whose size depends on the whole batch, and the CPU GEMM rounds
+        # a row differently with the block size (1 ulp; the loop backend does the same): past logits may move
+        # by float32 rounding, never more. A leak from the future moves them like the later logits (> 0.1).
+        torch.testing.assert_close(a[:, :10], b[:, :10], rtol=0, atol=1e-6)
+    assert (a[:, 10:] - b[:, 10:]).abs().max() > 0.1  # the test can fail: later logits do change
 
 
 def test_equal_active_parameters_and_flops():

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-loop-experts-bwd", type=int, default=64,
                     help="skip the per-expert Python loops (naive_loop, hf_eager) in fwdbwd above this many experts")
     ap.add_argument("--memory-fraction", type=float, default=0.5,
-                    help="CUDA: skip the zero-padded path when it would need more than this share of free memory")
+                    help="CUDA: the share of the free GPU memory a runner may take for temporaries")
     ap.add_argument("--defer-impls", default=None,
                     help="comma-separated implementations run only after every case, while time remains, or none "
                          f"(default on cuda: {','.join(DEFERRED_IMPLS)}, peers the committed anchors hold; cpu: none)")
@@ -105,7 +105,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and validate; errors exit with status 2 and name the argument and the accepted values."""
     ap = build_parser()
     a = ap.parse_args(argv)
-    table = S.SMOKE_SHAPES if a.smoke else S.SHAPES
+    if a.device is None:
+        a.device = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
+    cpu = a.device == "cpu" and not a.smoke  # the CPU shapes' default token count
+    table = S.SMOKE_SHAPES if a.smoke else {**S.SHAPES, **S.CPU_SHAPES}
+    if a.shapes == "all" and not a.smoke:  # "all": the five production shapes (the CPU shapes by name)
+        table = S.SHAPES
     a.shape_list = [table[n] for n in _choices(ap, "--shapes", a.shapes, list(table))]
     a.phase_list = _choices(ap, "--phases", a.phases, list(S.PHASES))
     a.mode_list = _choices(ap, "--modes", a.modes, list(S.MODES))
@@ -119,10 +124,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 allow_all=False)
         if "none" in a.defer_list:
             ap.error("argument --defer-impls: 'none' cannot be combined with implementation names")
-    a.prefill = _ints(ap, "--prefill-T", a.prefill_T) if a.prefill_T else list(S.SMOKE_PREFILL_T if a.smoke else S.PREFILL_T)
+    a.prefill = _ints(ap, "--prefill-T", a.prefill_T) if a.prefill_T else list(
+        S.SMOKE_PREFILL_T if a.smoke else S.CPU_PREFILL_T if cpu else S.PREFILL_T)
     a.decode = _ints(ap, "--decode-T", a.decode_T) if a.decode_T else list(S.SMOKE_DECODE_T if a.smoke else S.DECODE_T)
-    if a.device is None:
-        a.device = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
     if a.device not in ("cpu", "cuda"):
         ap.error(f"argument --device: invalid choice {a.device!r}; accepted: cpu, cuda")
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -145,9 +149,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             ap.error(f"argument {flag}: must be > 0, got {value}")
     if a.smoke and any(s.d > 64 or s.E > 8 for s in a.shape_list):  # pragma: no cover - smoke table is tiny
         ap.error("argument --smoke: smoke shapes must have d <= 64 and E <= 8")
-    if a.device == "cpu" and not a.smoke and not a.list:
+    if a.device == "cpu" and not a.smoke and not a.list and any(s.name not in S.CPU_SHAPES for s in a.shape_list):
         ap.error("argument --device: the production shapes need a GPU (DeepSeek-V3's experts alone are 22.5 GB in "
-                 "bf16); on the CPU use --smoke, or accepted here: --device cuda on a CUDA machine")
+                 f"bf16); on the CPU use --smoke or --shapes {','.join(S.CPU_SHAPES)}, or --device cuda on a "
+                 "CUDA machine")
     return a
 
 

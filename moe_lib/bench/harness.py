@@ -420,23 +420,16 @@ class HFRunner(Runner):
 
 
 class BackendRunner(Runner):
-    """moe_lib's ``MoELayer`` data path after its router: ``make_plan`` (group by expert) and one of
-    :data:`moe_lib.backends.BACKENDS` over a :class:`~moe_lib.experts.SwiGLUExperts` bank holding the
-    problem's weights (``backend="torch"``: a zero-padded ``[E, max_count, d]`` batched matmul)."""
+    """moe_lib's ``MoELayer`` data path after its router: the layer's dispatch stage
+    (:class:`~moe_lib.dispatch.TokenDispatcher`: group by expert, then the backend, then the combine) with one
+    of :data:`moe_lib.backends.BACKENDS` over a :class:`~moe_lib.experts.SwiGLUExperts` bank holding the
+    problem's weights."""
 
     def __init__(self, p: Problem, grad: bool, backend: str):
         from ..backends import BACKENDS
         from ..experts import SwiGLUExperts
 
         s = p.case.shape
-        if backend == "torch" and p.memory_limit is not None:
-            # the zero-padded batch [E, C, ·] (input, two hidden projections, their product, output),
-            # about three times that with the backward; C = the largest expert's assignment count
-            C = max(int(torch.bincount(p.inputs[w][2].reshape(-1), minlength=s.E).max()) for w in p.inputs)
-            need = s.E * C * (2 * s.d + 3 * s.f) * p.w_gate.element_size() * (3 if grad else 1)
-            if need > p.memory_limit:
-                raise Skip(f"the zero-padded batch [E={s.E}, C={C}, .] needs about {need / 1e9:.1f} GB "
-                           f"(> {p.memory_limit / 1e9:.1f} GB allowed)")
         with torch.device("meta"):
             bank = SwiGLUExperts(s.E, s.d, s.f)
         bank.w_gate = torch.nn.Parameter(p.w_gate.detach(), requires_grad=grad)
@@ -446,12 +439,12 @@ class BackendRunner(Runner):
         super().__init__([bank.w_gate, bank.w_up, bank.w_down])
 
     def forward(self, x, w, idx):
-        from ..dispatch import make_plan
+        from ..dispatch import TokenDispatcher
         from ..routers import Routing
 
         empty = x.new_zeros(0, self.E, dtype=torch.float32)
-        plan = make_plan(Routing(logits=empty, probs=empty, experts=idx, weights=w))
-        return self.backend(self.bank, x, plan)
+        routing = Routing(logits=empty, probs=empty, experts=idx, weights=w)
+        return TokenDispatcher()(self.bank, x, routing, self.backend)[0]
 
     def weight_grads(self):
         return self.bank.w_gate.grad, self.bank.w_up.grad, self.bank.w_down.grad
@@ -544,9 +537,7 @@ def _backend_impls() -> list[Impl]:
 
     out = []
     for name in BACKENDS:
-        if name == "loop":
-            continue
-        out.append(Impl(f"moe_lib_{name}" if name == "torch" else f"moe_lib_backend_{name}", "moe_lib",
+        out.append(Impl(f"moe_lib_{name}" if name in ("torch", "loop") else f"moe_lib_backend_{name}", "moe_lib",
                         f"moe_lib MoELayer data path: make_plan + backend={name!r}",
                         lambda p, g, name=name: BackendRunner(p, g, name), uses_triton=name == "triton"))
     return out
