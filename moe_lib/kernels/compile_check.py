@@ -338,7 +338,24 @@ def check(arch: int = 90, quick: bool = False, workers: int | None = None) -> di
     t1 = time.perf_counter()
     rows = compile_records(records, arch, workers)
     return {"arch": arch, "quick": quick, "configs": len(rows), "rows": rows, "problems": problems(rows),
-            "collect_s": round(t1 - t0, 2), "compile_s": round(time.perf_counter() - t1, 2)}
+            "collect_s": round(t1 - t0, 2), "compile_s": round(time.perf_counter() - t1, 2),
+            "provenance": provenance()}
+
+
+def provenance() -> dict:
+    """Where a compile table comes from: the date, the versions of Triton and torch, the CPU that ran
+    ``ptxas``, and the git commit of the kernels (``git_dirty`` counts changes under ``moe_lib/kernels``)."""
+    import datetime
+    import platform
+
+    import torch
+    import triton
+
+    from ..reproducibility import git_state
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+            "triton": triton.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), **git_state(["moe_lib/kernels"])}
 
 
 def compile_all(arch: int = 90, quick: bool = False, workers: int | None = None) -> list[dict]:
