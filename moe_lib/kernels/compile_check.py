@@ -33,6 +33,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
@@ -378,6 +379,78 @@ def run_in_subprocess(arch: int = 90, quick: bool = False, workers: int | None =
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"compile check failed to run (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(lines[-1][2:])
+
+
+# ------------------------------------------------------------------------------------ committed tables
+#: Where committed compile tables live (``python -m moe_lib.kernels.compile_check --json <this>/compile_sm90_<date>.json``).
+TABLES = ("benchmarks", "results")
+
+
+def table_files() -> list:
+    """The committed compile tables, oldest first (``benchmarks/results/compile_sm<arch>_<date>.json``)."""
+    from ..utils import book_root
+
+    return sorted((book_root() / Path(*TABLES)).glob("compile_sm*_*.json"))
+
+
+def load_table(path=None) -> dict:
+    """A committed compile table (default: the newest), as :func:`check` returned it. Raises
+    ``FileNotFoundError`` naming the folder when there is none, ``ValueError`` when a row lacks a field."""
+    if path is None:
+        files = table_files()
+        if not files:
+            raise FileNotFoundError(f"no compile table (compile_sm*_*.json) in {'/'.join(TABLES)}: run python -m "
+                                    "moe_lib.kernels.compile_check --json benchmarks/results/compile_sm90_<date>.json")
+        path = files[-1]
+    with open(path) as fh:
+        table = json.load(fh)
+    for key in ("arch", "rows", "problems", "provenance"):
+        if key not in table:
+            raise ValueError(f"{path} is not a compile table: it has no {key!r}")
+    table["path"] = str(path)
+    return table
+
+
+def config_key(kernel: str, constexprs: dict, num_warps: int, num_stages: int) -> tuple:
+    """What identifies a compiled configuration in a table: the kernel, its constexprs, warps and stages."""
+    return (kernel, tuple(sorted((k, v) for k, v in constexprs.items())), num_warps, num_stages)
+
+
+def row_key(row: dict) -> tuple:
+    return config_key(row["kernel"], row["constexprs"], row["num_warps"], row["num_stages"])
+
+
+def record_key(rec) -> tuple:
+    cvals = {k: v for k, v in rec.constexpr_values().items()
+             if isinstance(v, (int, float, bool, str)) or v is None}
+    opts = rec.launch_options
+    return config_key(rec.kernel, cvals, opts.get("num_warps", 4), opts.get("num_stages", 3))
+
+
+def label(table: dict) -> str:
+    """One line on where a table comes from."""
+    p = table["provenance"]
+    dirty = " (kernels modified)" if p.get("git_dirty") else ""
+    return (f"compile table for sm_{table['arch']}: {table['configs']} configurations, compiled on "
+            f"{p['date']} with Triton {p['triton']} (ptxas, no GPU), kernels at commit "
+            f"{str(p.get('git_commit'))[:10]}{dirty}; {len(table['problems'])} problem(s)")
+
+
+def summary(table: dict):
+    """Per kernel: configurations, the block rows ``BM`` seen, the most registers, spilled bytes, the most
+    shared memory (KiB), and whether every GEMM configuration uses Hopper's ``wgmma`` (a pandas DataFrame)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(table["rows"])
+    out = frame.groupby("kernel", sort=False).agg(
+        configurations=("kernel", "size"),
+        block_rows=("BM", lambda s: ", ".join(str(int(v)) for v in sorted(set(s.dropna())))),
+        max_registers=("regs", "max"),
+        spilled_bytes=("spill_bytes", "sum"),
+        max_shared_KiB=("shared_bytes", lambda s: round(s.max() / 1024, 1)),
+        wgmma=("wgmma", lambda s: f"{int(s.sum())} of {len(s)}"),
+    )
+    return out
 
 
 # --------------------------------------------------------------------------------------------- warm-up
