@@ -9,7 +9,7 @@ import torch
 from moe_lib import MoELayer
 from moe_lib.experts import EXPERTS
 from moe_lib.practice import DropoutExperts
-from moe_lib.routers import ROUTERS
+from moe_lib.routers import ROUTERS, Router
 
 
 @pytest.mark.parametrize("router, expert", [("switch", "mlp"), ("topk", "swiglu"), ("expert_choice", "glu"),
@@ -189,3 +189,33 @@ def test_the_load_balancing_default_is_the_routers(router, coef):
     assert MoELayer(8, 16, 4, router=router, aux_loss_coef=0.5).aux_loss_coef == 0.5  # an explicit value wins
     _, info = layer(torch.randn(5, 8), return_info=True, token_ids=torch.arange(5))
     assert info.aux_losses.computed() == (("load_balance",) if coef else ())
+
+
+class _SigmoidTopK(Router):
+    """A new top-k router is one class: sigmoid scores, top-k, renormalised (DeepSeek-V3 without groups or
+    bias). Nothing else in the library changes to use it."""
+
+    name = "sigmoid_topk"
+
+    def forward(self, x, token_ids=None):
+        from moe_lib.routers import Routing
+
+        logits = self.scores(x)
+        scores = logits.sigmoid()
+        top, experts = scores.topk(self.top_k, dim=-1)
+        return Routing(logits=logits, probs=scores / scores.sum(-1, keepdim=True), experts=experts,
+                       weights=top / top.sum(-1, keepdim=True))
+
+
+def test_a_new_router_is_one_class():
+    torch.manual_seed(0)
+    router = _SigmoidTopK(8, 4, 2)
+    layer = MoELayer(8, 16, 4, router=router, capacity_factor=1.0)
+    x = torch.randn(10, 8, requires_grad=True)
+    y, info = layer(x, return_info=True)
+    reference = MoELayer(8, 16, 4, router=router, expert=layer.experts, capacity_factor=1.0, backend="loop")
+    torch.testing.assert_close(y, reference(x))
+    assert info.aux_loss > 0 and set(info.aux_losses.computed()) == {"load_balance"}  # Router's default 0.01
+    assert info.stats()["tokens"] == 10 and info.plan.capacity == 5
+    (y.square().sum() + info.aux_loss).backward()
+    assert router.gate.weight.grad.abs().sum() > 0
