@@ -115,24 +115,26 @@ def make_routing(kind: str, x: Tensor, shape: Shape, seed: int, router_weight: T
     the tokens; ``zipf`` samples ``k`` distinct experts per token from ``p_e ∝ rank(e)^-s``. The random
     parts are drawn on the CPU from ``seed``, so they are the same on every machine.
     """
+    from ..grouping import synthetic_routing
+    from ..kernels.reference import route_ref
+
     T, E, k = x.shape[0], shape.E, shape.k
     g = torch.Generator().manual_seed(seed)
     if kind == "router":
         if router_weight is None:
             raise ValueError("routing='router' needs router_weight")
-        probs = torch.softmax((x @ router_weight.t()).float(), dim=-1)
-        w, idx = torch.topk(probs, k, dim=-1)
-        return (w / w.sum(-1, keepdim=True)).float(), idx.long()
-    if kind == "balanced":
-        base = (torch.arange(T)[:, None] * k + torch.arange(k)) % E
-        idx = torch.randperm(E, generator=g)[base][torch.randperm(T, generator=g)]
-    elif kind == "zipf":
-        popularity = (torch.arange(E, dtype=torch.float64) + 1) ** (-zipf_s)
-        popularity = popularity[torch.randperm(E, generator=g)]
-        idx = torch.multinomial(popularity.expand(T, E), k, replacement=False, generator=g)
-    else:
+        w, idx = route_ref(x @ router_weight.t(), k)  # the kernels' reference router: one routing math
+        return w, idx.long()
+    if kind not in ("balanced", "zipf"):
         raise ValueError(f"unknown routing {kind!r}; accepted: {list(ROUTINGS)}")
-    w = torch.softmax(torch.randn(T, k, generator=g), dim=-1)
+    # the library's synthetic routings (chapter 11), then the experts relabelled at random so that the
+    # busiest expert is not always expert 0, and (balanced) the tokens shuffled
+    r = synthetic_routing(T, E, k, zipf=zipf_s if kind == "zipf" else 0.0, balanced=kind == "balanced",
+                          generator=g)
+    w, idx = r.weights.float(), torch.randperm(E, generator=g)[r.experts]
+    if kind == "balanced":
+        order = torch.randperm(T, generator=g)
+        w, idx = w[order], idx[order]
     return w.to(x.device), idx.to(x.device)
 
 
