@@ -179,3 +179,33 @@ def test_warm_up_fills_the_cache_that_a_second_compile_finds(tmp_path):
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("@@"))
     assert line.split()[1:3] == ["True", "None"], line  # the second compile found the cached kernel
     assert "warm-up: " in proc.stdout and "compiled in" in proc.stdout
+
+
+def test_the_committed_table_is_of_the_kernels_as_they_are():
+    """Chapter 11 shows the newest committed compile table as the GPU-free evidence: it must hold exactly the
+    configurations the launchers pick today (collected in a process without the interpreter, ~5 s), all
+    compiled without a spill, from the kernels' source as committed now."""
+    import json
+    import subprocess
+    import sys
+
+    table = compile_check.load_table()
+    assert table["arch"] == 90 and not table["quick"], "the chapter's table is the full set for sm_90"
+    assert table["problems"] == [] and all(r["ok"] and r["spill_bytes"] == 0 for r in table["rows"])
+    code = ("import json, moe_lib; from moe_lib.kernels import compile_check as C; "
+            "print('@@' + json.dumps([list(map(repr, C.record_key(r))) for r in C.collect()]))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "0"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    now = {tuple(k) for k in json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("@@"))[2:])}
+    committed = {tuple(map(repr, compile_check.row_key(r))) for r in table["rows"]}
+    assert committed == now, (f"the table misses {sorted(now - committed)[:3]} and holds {sorted(committed - now)[:3]}: "
+                              "regenerate it (python -m moe_lib.kernels.compile_check --json "
+                              "benchmarks/results/compile_sm90_<date>.json)")
+    commit = table["provenance"]["git_commit"]
+    diff = subprocess.run(["git", "diff", "--quiet", commit, "HEAD", "--", "moe_lib/kernels/triton_kernels.py"],
+                          cwd=compile_check.table_files()[-1].parents[2], capture_output=True)
+    if diff.returncode not in (0, 1):
+        pytest.skip(f"no git history to compare the kernels with commit {commit}")
+    assert diff.returncode == 0, f"triton_kernels.py changed since the table's commit {commit}: regenerate it"
+    assert not table["provenance"]["git_dirty"]

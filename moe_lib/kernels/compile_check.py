@@ -438,18 +438,25 @@ def label(table: dict) -> str:
 
 def summary(table: dict):
     """Per kernel: configurations, the block rows ``BM`` seen, the most registers, spilled bytes, the most
-    shared memory (KiB), and whether every GEMM configuration uses Hopper's ``wgmma`` (a pandas DataFrame)."""
+    shared memory (KiB), and how its matrix products compiled — Hopper's warpgroup ``wgmma`` or the older
+    ``mma.sync`` — in how many configurations ("-" for a kernel without one). A pandas DataFrame."""
     import pandas as pd
 
     frame = pd.DataFrame(table["rows"])
-    out = frame.groupby("kernel", sort=False).agg(
+
+    def products(rows) -> str:
+        wgmma, mma = int(rows["wgmma"].sum()), int(rows["mma"].sum())
+        return "-" if not mma else f"wgmma {wgmma}, mma.sync {mma - wgmma}"
+
+    grouped = frame.groupby("kernel", sort=False)
+    out = grouped.agg(
         configurations=("kernel", "size"),
         block_rows=("BM", lambda s: ", ".join(str(int(v)) for v in sorted(set(s.dropna())))),
         max_registers=("regs", "max"),
         spilled_bytes=("spill_bytes", "sum"),
         max_shared_KiB=("shared_bytes", lambda s: round(s.max() / 1024, 1)),
-        wgmma=("wgmma", lambda s: f"{int(s.sum())} of {len(s)}"),
     )
+    out["matrix_products"] = [products(rows) for _, rows in grouped]
     return out
 
 
