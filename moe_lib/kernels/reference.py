@@ -17,15 +17,9 @@ Conventions shared with the kernels:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "relu": torch.relu,
-    "tanh": torch.tanh,
-}
+from ..experts import ACTIVATIONS  # noqa: F401  (one activation table: the expert banks')
 
 
 def route_ref(logits: Tensor, top_k: int, score: str = "softmax", renormalize: bool = True,
