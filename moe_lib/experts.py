@@ -81,9 +81,20 @@ class ExpertBank(nn.Module):
         self.d_ff = check_int("d_ff", d_ff, minimum=1)
         self.d_out = self.d_model if d_out is None else check_int("d_out", d_out, minimum=1)
 
-    def forward_expert(self, e: int, x: Tensor) -> Tensor:  # pragma: no cover - abstract
-        """Expert ``e`` on ``x [n, d_model]`` -> ``[n, d_out]``."""
+    #: The stacked ``[E, ...]`` parameters one expert reads, in the order :meth:`_expert` takes their slices.
+    #: A bank that names them writes its function once (:meth:`_expert`); :meth:`forward_expert` and
+    #: :meth:`forward_blocks` slice them. A bank with none implements :meth:`forward_expert` itself.
+    stacked: tuple[str, ...] = ()
+
+    def _expert(self, x: Tensor, *weights: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """One expert's function on ``x [n, d_model]``, given its slices of the :attr:`stacked` parameters."""
         raise NotImplementedError
+
+    def forward_expert(self, e: int, x: Tensor) -> Tensor:
+        """Expert ``e`` on ``x [n, d_model]`` -> ``[n, d_out]``."""
+        if not self.stacked:  # pragma: no cover - abstract
+            raise NotImplementedError
+        return self._expert(x, *(getattr(self, name)[e] for name in self.stacked))
 
     def forward_padded(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         """Every expert on its own rows: ``x [E, C, d_model]`` -> ``[E, C, d_out]``."""
@@ -92,10 +103,14 @@ class ExpertBank(nn.Module):
     def forward_blocks(self, blocks: Sequence[tuple[int, Tensor]]) -> list[Tensor]:
         """Expert ``e`` on ``x_e [n_e, d_model]`` for each pair ``(e, x_e)`` -> the list of ``[n_e, d_out]``.
 
-        The same arithmetic as :meth:`forward_expert`, block by block. This default calls it; the banks
-        below index their stacked weights once (``unbind``), so that the backward stacks the experts'
-        weight gradients in one copy instead of adding one full-size zero tensor per expert."""
-        return [self.forward_expert(e, x) for e, x in blocks]
+        The same arithmetic as :meth:`forward_expert`, block by block, with the :attr:`stacked` weights
+        indexed once (``unbind``), so that the backward stacks the experts' weight gradients in one copy
+        instead of adding one full-size zero tensor per expert. A bank without :attr:`stacked` parameters
+        calls its :meth:`forward_expert`."""
+        if not self.stacked:
+            return [self.forward_expert(e, x) for e, x in blocks]
+        slices = [getattr(self, name).unbind(0) for name in self.stacked]
+        return [self._expert(x, *(w[e] for w in slices)) for e, x in blocks]
 
     def forward_grouped(self, x: Tensor, offsets: Tensor, expert_index: Tensor) -> Tensor:  # pragma: no cover
         """Every expert on its block of grouped rows: ``x [N, d_model]`` with expert ``e`` owning rows
@@ -117,15 +132,13 @@ class LinearExperts(ExpertBank):
         self.weight = _uniform((num_experts, self.d_model, self.d_out), self.d_model)
         self.bias = _uniform((num_experts, self.d_out), self.d_model)
 
-    def forward_expert(self, e: int, x: Tensor) -> Tensor:
-        return x @ self.weight[e] + self.bias[e]
+    stacked = ("weight", "bias")
+
+    def _expert(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        return x @ weight + bias
 
     def forward_padded(self, x: Tensor) -> Tensor:
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
-
-    def forward_blocks(self, blocks: Sequence[tuple[int, Tensor]]) -> list[Tensor]:
-        weight, bias = self.weight.unbind(0), self.bias.unbind(0)
-        return [x @ weight[e] + bias[e] for e, x in blocks]
 
     def forward_grouped(self, x: Tensor, offsets: Tensor, expert_index: Tensor) -> Tensor:
         return grouped_mm(x, self.weight, offsets) + self.bias[expert_index]
@@ -147,18 +160,15 @@ class MLPExperts(ExpertBank):
         self.w2 = _uniform((num_experts, self.d_ff, self.d_out), self.d_ff)
         self.b2 = _uniform((num_experts, self.d_out), self.d_ff)
 
-    def forward_expert(self, e: int, x: Tensor) -> Tensor:
-        h = ACTIVATIONS[self.activation](x @ self.w1[e] + self.b1[e])
-        return h @ self.w2[e] + self.b2[e]
+    stacked = ("w1", "b1", "w2", "b2")
+
+    def _expert(self, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+        h = ACTIVATIONS[self.activation](x @ w1 + b1)
+        return h @ w2 + b2
 
     def forward_padded(self, x: Tensor) -> Tensor:
         h = ACTIVATIONS[self.activation](torch.baddbmm(self.b1.unsqueeze(1), x, self.w1))
         return torch.baddbmm(self.b2.unsqueeze(1), h, self.w2)
-
-    def forward_blocks(self, blocks: Sequence[tuple[int, Tensor]]) -> list[Tensor]:
-        act = ACTIVATIONS[self.activation]
-        w1, b1, w2, b2 = (p.unbind(0) for p in (self.w1, self.b1, self.w2, self.b2))
-        return [act(x @ w1[e] + b1[e]) @ w2[e] + b2[e] for e, x in blocks]
 
     def forward_grouped(self, x: Tensor, offsets: Tensor, expert_index: Tensor) -> Tensor:
         h = ACTIVATIONS[self.activation](grouped_mm(x, self.w1, offsets) + self.b1[expert_index])
@@ -180,17 +190,15 @@ class SwiGLUExperts(ExpertBank):
         self.w_up = _uniform((num_experts, self.d_model, self.d_ff), self.d_model)
         self.w_down = _uniform((num_experts, self.d_ff, self.d_out), self.d_ff)
 
-    def forward_expert(self, e: int, x: Tensor) -> Tensor:
-        return (nn.functional.silu(x @ self.w_gate[e]) * (x @ self.w_up[e])) @ self.w_down[e]
+    stacked = ("w_gate", "w_up", "w_down")
+
+    def _expert(self, x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+        act = ACTIVATIONS[getattr(self, "activation", "silu")]  # GLUExperts: its own activation
+        return (act(x @ w_gate) * (x @ w_up)) @ w_down
 
     def forward_padded(self, x: Tensor) -> Tensor:
         h = nn.functional.silu(torch.bmm(x, self.w_gate)) * torch.bmm(x, self.w_up)
         return torch.bmm(h, self.w_down)
-
-    def forward_blocks(self, blocks: Sequence[tuple[int, Tensor]]) -> list[Tensor]:
-        act = ACTIVATIONS[getattr(self, "activation", "silu")]  # GLUExperts: its own activation
-        w_gate, w_up, w_down = self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0)
-        return [(act(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e] for e, x in blocks]
 
     def forward_grouped(self, x: Tensor, offsets: Tensor, expert_index: Tensor) -> Tensor:
         act = ACTIVATIONS[getattr(self, "activation", "silu")]
@@ -212,9 +220,6 @@ class GLUExperts(SwiGLUExperts):
     def __init__(self, num_experts: int, d_model: int, d_ff: int, d_out: int | None = None, activation: str = "silu"):
         super().__init__(num_experts, d_model, d_ff, d_out)
         self.activation = check_choice("activation", activation, ACTIVATIONS)
-
-    def forward_expert(self, e: int, x: Tensor) -> Tensor:
-        return (ACTIVATIONS[self.activation](x @ self.w_gate[e]) * (x @ self.w_up[e])) @ self.w_down[e]
 
     def forward_padded(self, x: Tensor) -> Tensor:
         h = ACTIVATIONS[self.activation](torch.bmm(x, self.w_gate)) * torch.bmm(x, self.w_up)
