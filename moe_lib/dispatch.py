@@ -226,10 +226,6 @@ class TokenDispatcher(Dispatcher):
     def capacity_factor(self) -> float | None:
         return self._capacity_factor
 
-    @capacity_factor.setter
-    def capacity_factor(self, value: float | None) -> None:
-        self._capacity_factor = check_positive_float("capacity_factor", value, allow_none=True)
-
     def plan(self, routing: Routing) -> DispatchPlan:
         """The rows each expert processes, grouped by expert (:func:`make_plan`)."""
         return make_plan(routing, self._capacity_factor)
