@@ -94,7 +94,7 @@ def triton_backend(experts: ExpertBank, x: Tensor, plan: DispatchPlan) -> Tensor
 
     The kernels read the gate and up weights interleaved by column (one wide GEMM). For inference (no
     gradient needed) the interleaved copy is made once and cached on the parameters' identity, storage and
-    ``_version`` (:func:`moe_lib.kernels.interleaved_gate_up`); in training it is made per call through
+    ``_version`` (:func:`moe_lib.kernels.gate_up_operand`); in training it is made per call through
     autograd, which costs ``4·E·d·f`` elements of traffic each way (see :func:`~moe_lib.kernels.expert_ffn`)."""
     from . import kernels
 
@@ -105,11 +105,7 @@ def triton_backend(experts: ExpertBank, x: Tensor, plan: DispatchPlan) -> Tensor
     weights = x.new_zeros(meta.num_tokens * meta.top_k, dtype=torch.float32)
     weights = weights.index_put((meta.row_assignment.long(),), plan.weights.float())
     activation = getattr(experts, "activation", "silu")
-    w_gate, w_up = experts.w_gate, experts.w_up
-    if torch.is_grad_enabled() and (w_gate.requires_grad or w_up.requires_grad):
-        w_gu = kernels.interleave_gate_up(w_gate.to(x.dtype), w_up.to(x.dtype))
-    else:
-        w_gu = kernels.interleaved_gate_up(w_gate, w_up, dtype=x.dtype)
+    w_gu = kernels.gate_up_operand(experts.w_gate, experts.w_up, dtype=x.dtype)
     return kernels.expert_ffn(x, weights.view(meta.num_tokens, meta.top_k), meta, w_gu, None,
                               experts.w_down.to(x.dtype), activation)
 

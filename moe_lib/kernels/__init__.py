@@ -57,7 +57,7 @@ MAX_EXPERTS = 1024  # the router and schedule kernels hold one row of E scores i
 __all__ = [
     "Metadata", "available", "interpreting", "route", "permute_metadata", "metadata_from_plan", "expert_ffn",
     "fused_moe", "block_m_for", "reference", "IMPLS", "SCORES", "ACTIVATIONS", "interleave_gate_up",
-    "split_gate_up", "interleaved_gate_up", "clear_interleave_cache",
+    "split_gate_up", "interleaved_gate_up", "clear_interleave_cache", "gate_up_operand",
 ]
 
 interleave_gate_up = reference.interleave_gate_up
@@ -92,6 +92,16 @@ def interleaved_gate_up(w_gate: Tensor, w_up: Tensor, dtype: torch.dtype | None 
 def clear_interleave_cache() -> None:
     """Drop every copy :func:`interleaved_gate_up` holds."""
     _INTERLEAVED.clear()
+
+
+def gate_up_operand(w_gate: Tensor, w_up: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """The interleaved gate|up weights the kernels read, from two weights (in ``dtype``, default theirs):
+    made per call through autograd when a gradient is needed, else once and cached
+    (:func:`interleaved_gate_up`)."""
+    if torch.is_grad_enabled() and (w_gate.requires_grad or w_up.requires_grad):
+        dtype = dtype or w_gate.dtype
+        return interleave_gate_up(w_gate.to(dtype), w_up.to(dtype))
+    return interleaved_gate_up(w_gate, w_up, dtype=dtype)
 
 
 def available() -> bool:
@@ -341,12 +351,7 @@ def expert_ffn(x: Tensor, weights: Tensor, meta: Metadata, w_gate: Tensor, w_up:
     if meta.num_tokens == 0:
         return x.new_zeros(0, w_down.shape[2])
     x = x.contiguous()
-    if w_up is None:
-        w_gu = w_gate
-    elif torch.is_grad_enabled() and (w_gate.requires_grad or w_up.requires_grad):
-        w_gu = interleave_gate_up(w_gate, w_up)
-    else:
-        w_gu = interleaved_gate_up(w_gate, w_up)
+    w_gu = w_gate if w_up is None else gate_up_operand(w_gate, w_up)
     if w_gu.stride(2) != 1:  # the wide B tile is loaded as contiguous rows of 2·BN columns
         w_gu = w_gu.contiguous()
     weights_flat = weights.float().reshape(-1).contiguous()
