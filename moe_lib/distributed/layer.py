@@ -123,11 +123,11 @@ class AllToAllDispatcher(Dispatcher):
         # 4. combine: send outputs back along the same routes, then the local plan's weighted combine.
         returned = all_to_all(expert_out, send_rows, recv_rows, self.group)
         y = combine(returned, plan, tokens.shape[0])
-        remote = (tokens.shape[-1] * tokens.element_size())
+        row_bytes = tokens.shape[-1] * tokens.element_size()
         self.last_traffic = {
             "sent_rows": send_rows, "recv_rows": recv_rows,
-            "sent_remote_bytes": (sum(send_rows) - send_rows[self.rank]) * remote,
-            "recv_remote_bytes": (sum(recv_rows) - recv_rows[self.rank]) * remote,
+            "sent_remote_bytes": (sum(send_rows) - send_rows[self.rank]) * row_bytes,
+            "recv_remote_bytes": (sum(recv_rows) - recv_rows[self.rank]) * row_bytes,
         }
         return y, plan
 
