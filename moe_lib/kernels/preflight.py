@@ -89,10 +89,11 @@ def check_route(shape: Shape, num_tokens: int, device, dtype, seed: int = 0) -> 
 
 def check_metadata(shape: Shape, num_tokens: int, device, seed: int = 0) -> dict:
     """``permute_metadata`` (triton) equals the reference bit for bit on a random routing of ``num_tokens``."""
+    from ..grouping import synthetic_routing
     from . import permute_metadata
 
-    g = torch.Generator().manual_seed(seed)
-    experts = torch.rand(num_tokens, shape.E, generator=g).argsort(-1)[:, :shape.k].to(torch.int32).to(device)
+    routing = synthetic_routing(num_tokens, shape.E, shape.k, generator=torch.Generator().manual_seed(seed))
+    experts = routing.experts.to(torch.int32).to(device)
     got = permute_metadata(experts, shape.E)
     ref = permute_metadata(experts, shape.E, block_m=got.block_m, impl="torch")
     for name in ("counts", "offsets", "row_assignment", "tile_expert", "tile_row"):
