@@ -246,6 +246,11 @@ def _kernel_fn(rec: Record):
     return getattr(importlib.import_module(rec.module), rec.qualname)
 
 
+def _plain(constexprs: dict) -> dict:
+    """The constexprs a table row records (numbers, strings, ``None``; not functions or dtypes)."""
+    return {k: v for k, v in constexprs.items() if isinstance(v, (int, float, bool, str)) or v is None}
+
+
 def compile_record(rec: Record, arch: int = 90) -> dict:
     """Compile one record for ``sm_<arch>``; a row with ``ok``, ``regs``, ``spill_bytes``, ``shared_bytes``,
     ``wgmma``... (``error`` instead when it fails). Registers and spills come from ``ptxas -v`` (Triton's
@@ -260,7 +265,7 @@ def compile_record(rec: Record, arch: int = 90) -> dict:
     row = {"kernel": rec.kernel, "arch": f"sm_{arch}",
            "BM": cvals.get("BM"), "BN": cvals.get("BN"), "BK": cvals.get("BK"), "BE": cvals.get("BE"),
            "num_warps": opts.get("num_warps", 4), "num_stages": opts.get("num_stages", 3),
-           "constexprs": {k: v for k, v in cvals.items() if isinstance(v, (int, float, bool, str)) or v is None},
+           "constexprs": _plain(cvals),
            "regs": None, "spill_bytes": None, "stack_bytes": None, "cases": len(rec.seen_in),
            "example": rec.seen_in[0] if rec.seen_in else None}
     t0 = time.perf_counter()
@@ -421,8 +426,7 @@ def row_key(row: dict) -> tuple:
 
 
 def record_key(rec) -> tuple:
-    cvals = {k: v for k, v in rec.constexpr_values().items()
-             if isinstance(v, (int, float, bool, str)) or v is None}
+    cvals = _plain(rec.constexpr_values())
     opts = rec.launch_options
     return config_key(rec.kernel, cvals, opts.get("num_warps", 4), opts.get("num_stages", 3))
 
