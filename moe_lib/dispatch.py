@@ -95,6 +95,32 @@ class DispatchPlan:
         n = self.token_index.shape[0]
         return torch.arange(n, device=self.token_index.device) - self.offsets[self.expert_index]
 
+    @staticmethod
+    def deferred(build: Callable[[], DispatchPlan]) -> DispatchPlan:
+        """A plan that ``build()`` makes the first time one of its fields is read, for a dispatcher whose
+        hot path never needs it: :class:`moe_lib.kernels.KernelDispatcher` groups the rows on the device
+        without a host synchronisation, so the plan that :class:`~moe_lib.MoEInfo` reports (counts, drops)
+        is made only if someone reads it."""
+        return _DeferredPlan(build)
+
+
+class _DeferredPlan(DispatchPlan):
+    """:meth:`DispatchPlan.deferred`: no field is set until one is read; then the built plan's fields are
+    copied in, once, and every read after that is a plain attribute."""
+
+    def __init__(self, build: Callable[[], DispatchPlan]):  # the dataclass __init__ is skipped on purpose
+        self.__dict__["_build"] = build
+
+    def __getattr__(self, name: str):  # called only for attributes not set yet: the plan's fields
+        if name.startswith("__") or "_build" not in self.__dict__:
+            raise AttributeError(name)
+        build = self.__dict__.pop("_build")
+        plan = build()
+        if not isinstance(plan, DispatchPlan):
+            raise TypeError(f"a deferred plan's build() must return a DispatchPlan, got {type(plan).__name__}")
+        self.__dict__.update(vars(plan))
+        return getattr(self, name)
+
 
 def make_plan(routing: Routing, capacity_factor: float | None = None) -> DispatchPlan:
     """Group ``routing``'s assignments by expert, dropping those over capacity.
@@ -186,6 +212,9 @@ class Dispatcher(nn.Module):
     """
 
     name = "abstract"
+    #: The layer backends (:data:`moe_lib.backends.BACKENDS`) this dispatcher runs with; ``None``: any. A
+    #: dispatcher that runs the experts itself (the fused kernels) lists the one it implements.
+    backends: tuple[str, ...] | None = None
 
     def num_local_experts(self, num_experts: int) -> int:
         """Experts the bank beside this dispatcher must hold for a router over ``num_experts`` (all of them,

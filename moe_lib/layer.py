@@ -295,8 +295,8 @@ class MoELayer(nn.Module):
         self._backend = value  # only once accepted: a refused assignment leaves the layer as it was
 
     def _check_backend(self, backend: str | None = None) -> None:
-        """The expert bank can run on ``backend`` (default: the layer's); a bank lists the backends it
-        implements."""
+        """The expert bank and the dispatcher can run on ``backend`` (default: the layer's); each lists the
+        backends it implements."""
         backend = self._backend if backend is None else backend
         supported = getattr(self.experts, "backends", None)
         if supported is not None and backend not in supported:
@@ -304,6 +304,10 @@ class MoELayer(nn.Module):
                 f"backend={backend!r} cannot run {type(self.experts).__name__} (expert="
                 f"{self.experts.kind!r}); it runs on backend in {list(supported)}"
             )
+        supported = self.dispatcher.backends
+        if supported is not None and backend not in supported:
+            raise ValueError(f"backend={backend!r} cannot run with dispatcher={type(self.dispatcher).__name__}, "
+                             f"which runs the experts itself: it runs on backend in {list(supported)}")
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave ``last_info`` out: it holds the last pass's autograd graph, which
