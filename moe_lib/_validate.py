@@ -64,3 +64,17 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}")
     return value
+
+
+def check_counts(name: str, counts) -> list[int]:
+    """Per-expert row counts (a tensor or any sequence of ints) as a non-empty list of Python ints >= 0."""
+    try:
+        values = counts.tolist() if hasattr(counts, "tolist") else list(counts)
+    except TypeError:
+        values = None
+    if not isinstance(values, list):
+        raise TypeError(f"{name} must be a sequence of per-expert counts (ints >= 0), got {counts!r}")
+    out = [check_int(f"{name}[{i}]", v, minimum=0) for i, v in enumerate(values)]
+    if not out:
+        raise ValueError(f"{name} must hold at least one expert, got an empty sequence")
+    return out

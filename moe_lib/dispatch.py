@@ -29,13 +29,14 @@ forward; a new way of dispatching is a new class here, not a second copy of the 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from ._validate import check_positive_float
+from ._validate import check_counts, check_int, check_positive_float
 from .routers import Routing, expert_capacity  # noqa: F401  (expert_capacity: re-exported)
 
 
@@ -282,3 +283,46 @@ class SlotDispatcher(Dispatcher):
         plan = slot_plan(routing.num_experts, routing.slots_per_expert, tokens.device)
         slots_out = backend(experts, self.expert_inputs(tokens, routing), plan)
         return routing.combine.to(slots_out.dtype) @ slots_out, plan
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiles of a grouped-GEMM kernel over the expert-grouped rows (moe_lib.kernels sizes its grid by max_tiles)
+# --------------------------------------------------------------------------------------------------
+
+def max_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
+    """Tile slots a grouped-GEMM grid launches before it knows the counts: the most tiles any split of
+    ``N`` rows over ``E`` experts can need, ``m + ⌊(N − m) / M⌋`` with ``m = min(E, N)`` (at least 1).
+
+    Derivation: an expert with ``n ≥ 1`` rows needs ``⌈n / M⌉ = 1 + ⌊(n − 1) / M⌋`` tiles, so ``m'``
+    non-empty experts need ``m' + Σ ⌊(n_e − 1) / M⌋ ≤ m' + ⌊(N − m') / M⌋`` tiles; that grows with ``m'``,
+    and at most ``min(E, N)`` experts can be non-empty (each holds a row). The bound is reached (``m − 1``
+    experts with one row, the rest on one expert), so it is tight; it is also ``≤ min(N, ⌈N / M⌉ + E)``.
+    At decode it matters: DeepSeek-V3 at ``T = 1`` (``N = 8``, ``E = 256``, ``M = 16``) needs 8 slots where
+    ``⌈N / M⌉ + E`` gives 257. Slots past the last tile exit at once; sizing the grid this way needs no host
+    synchronisation. One slot is kept when ``N = 0`` so that every launch over the slots has a program (the
+    schedule kernel's first program also writes the offsets)."""
+    num_rows = check_int("num_rows", num_rows, minimum=0)
+    num_experts = check_int("num_experts", num_experts, minimum=1)
+    block_m = check_int("block_m", block_m, minimum=1)
+    live = min(num_experts, num_rows)
+    return max(1, live + (num_rows - live) // block_m)
+
+
+def tile_schedule(counts, block_m: int) -> tuple[Tensor, Tensor]:
+    """The ``BLOCK_M``-row tiles of a grouped GEMM over expert-grouped rows.
+
+    Expert ``e`` owns rows ``offsets[e] : offsets[e] + n_e`` of the (unpadded) grouped batch and gets
+    ``ceil(n_e / M)`` tiles; tile ``i`` covers rows ``tile_row[i] : tile_row[i] + M`` of expert
+    ``tile_expert[i]``, the rows past the expert's end masked. Returns ``(tile_expert, tile_row)``, int64,
+    for the used tiles only, in order (the same semantics as ``moe_lib.kernels.Metadata``, whose arrays
+    are padded to :func:`max_tiles` with ``-1``).
+    """
+    c = check_counts("counts", counts)
+    block_m = check_int("block_m", block_m, minimum=1)
+    tile_expert, tile_row, start = [], [], 0
+    for e, n in enumerate(c):
+        for i in range(math.ceil(n / block_m)):
+            tile_expert.append(e)
+            tile_row.append(start + i * block_m)
+        start += n
+    return torch.tensor(tile_expert, dtype=torch.long), torch.tensor(tile_row, dtype=torch.long)

@@ -1,94 +1,33 @@
-"""How expert computation is grouped, and what each grouping costs (chapter 11).
+"""What each way of grouping expert computation costs (chapter 11): the chapter's cost models.
 
 Every backend computes the same function; they differ in how the ``N = Σ_e n_e`` rows of the
 expert-grouped batch are laid out for the matrix multiplications, and therefore in how many rows they
 multiply, how many bytes they move through memory and how many kernels they launch. This module holds
 the bookkeeping the chapter measures:
 
-* :func:`synthetic_routing` — routings with a controlled skew (exactly balanced, uniform random or
-  Zipf-skewed expert popularity), so that the same layer can be run on balanced and skewed loads;
 * :func:`padding_stats` — the rows a padded ``[E, C, d]`` batched matmul multiplies versus the real ones;
-* :func:`tile_schedule`, :func:`tile_stats` — the ``BLOCK_M``-row tiles of a grouped-GEMM kernel (which
-  expert each tile belongs to, and the rows masked at the end of each expert's last tile);
+* :func:`tile_stats` — the ``BLOCK_M``-row tiles of a grouped-GEMM kernel and the rows masked at the end of
+  each expert's last tile (the schedule itself is :func:`moe_lib.dispatch.tile_schedule`, the grid's slot
+  bound :func:`moe_lib.dispatch.max_tiles`);
 * :func:`traffic_ops`, :func:`memory_traffic` — an analytic model of the bytes each implementation reads
   and writes (materialised permuted copy, padded batch, intermediate activations, combine), and
   :func:`count_traffic`, which applies the same rule to the operations torch really runs;
-* :func:`grouped_flops` — useful versus executed FLOPs of the expert FFN;
-* :func:`wall_time` — a small wall-clock timer; :func:`wall_times` its raw samples and :func:`median_iqr`
-  their median and quartiles.
+* :func:`grouped_flops` — useful versus executed FLOPs of the expert FFN.
 
+The loads it is run on come from :func:`moe_lib.routers.synthetic_routing` (balanced, uniform or
+Zipf-skewed routings); the times beside it from :mod:`moe_lib.bench.timing`.
 Counts are per-expert row counts ``n_e`` (``DispatchPlan.counts``), as a tensor or any sequence of ints.
 """
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch import Tensor
 
-from ._validate import check_bool, check_choice, check_int, check_nonnegative_float
-from .routers import Routing
-
-
-def _counts(counts) -> list[int]:
-    """Per-expert counts as a list of non-negative Python ints."""
-    values = counts.tolist() if isinstance(counts, Tensor) else list(counts)
-    out = [check_int("count", v, minimum=0) for v in values]
-    if not out:
-        raise ValueError("counts must hold at least one expert")
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Routings with a controlled skew
-# --------------------------------------------------------------------------------------------------
-
-def zipf_popularity(num_experts: int, exponent: float) -> Tensor:
-    """``p_e ∝ (e + 1)^(-exponent)``: expert 0 is the most popular; ``exponent = 0`` is uniform."""
-    check_int("num_experts", num_experts, minimum=1)
-    exponent = check_nonnegative_float("exponent", exponent)
-    p = torch.arange(1, num_experts + 1, dtype=torch.float64).pow(-exponent)
-    return (p / p.sum()).float()
-
-
-def synthetic_routing(num_tokens: int, num_experts: int, top_k: int, *, zipf: float = 0.0,
-                      balanced: bool = False, generator: torch.Generator | None = None,
-                      device=None) -> Routing:
-    """A top-``k`` routing of ``num_tokens`` tokens with a chosen load skew, independent of any input.
-
-    * ``balanced=True``: token ``t``'s ``j``-th expert is ``(t·k + j) mod E`` — every expert gets
-      ``T·k/E`` rows exactly when ``E`` divides ``T·k`` (the best case for padding).
-    * otherwise each token draws ``k`` distinct experts without replacement from the Zipf popularity
-      :func:`zipf_popularity` (``zipf = 0``: uniformly random; larger: a few experts take most tokens).
-      The draw is the Gumbel top-k trick: ``logits = log p + Gumbel``, experts = top-k of the logits,
-      which is exactly sampling without replacement proportionally to ``p``.
-
-    The returned :class:`~moe_lib.routers.Routing` is that of a real softmax top-k router on those logits:
-    ``probs = softmax(logits)``, weights = the chosen probabilities renormalised to sum to one. It is drawn
-    on the CPU (with ``generator``) and moved to ``device``.
-    """
-    num_tokens = check_int("num_tokens", num_tokens, minimum=0)
-    num_experts = check_int("num_experts", num_experts, minimum=1)
-    top_k = check_int("top_k", top_k, minimum=1, maximum=num_experts)
-    check_bool("balanced", balanced)
-    u = torch.rand(num_tokens, num_experts, generator=generator).clamp_(1e-12, 1 - 1e-7)
-    gumbel = -torch.log(-torch.log(u))
-    if balanced:
-        assigned = (torch.arange(num_tokens).unsqueeze(1) * top_k + torch.arange(top_k)) % num_experts
-        # the bonus (30) exceeds the Gumbel noise's range, so the top-k set is exactly the assigned one
-        logits = gumbel + torch.zeros(num_tokens, num_experts).scatter_(1, assigned, 30.0)
-    else:
-        logits = zipf_popularity(num_experts, zipf).log() + gumbel
-    experts = logits.topk(top_k, dim=-1).indices
-    probs = torch.softmax(logits, dim=-1)
-    chosen = probs.gather(1, experts)
-    weights = chosen / chosen.sum(-1, keepdim=True).clamp_min(1e-20)
-    return Routing(logits=logits.to(device), probs=probs.to(device), experts=experts.to(device),
-                   weights=weights.to(device))
+from ._validate import check_choice, check_counts, check_int
+from .dispatch import max_tiles
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,7 +43,7 @@ def padding_stats(counts, capacity: int | None = None) -> dict[str, float]:
     ``waste = (E·C − N)/N`` (padding rows per real row) and ``max_over_mean = C / mean(n_e)``.
     With top-``k`` routing no expert can get more than ``T`` rows, so ``waste ≤ E/k − 1``.
     """
-    c = _counts(counts)
+    c = check_counts("counts", counts)
     if capacity is not None:
         capacity = check_int("capacity", capacity, minimum=0)
         c = [min(v, capacity) for v in c]
@@ -119,50 +58,11 @@ def padding_stats(counts, capacity: int | None = None) -> dict[str, float]:
     }
 
 
-def max_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
-    """Tile slots a grouped-GEMM grid launches before it knows the counts: the most tiles any split of
-    ``N`` rows over ``E`` experts can need, ``m + ⌊(N − m) / M⌋`` with ``m = min(E, N)`` (at least 1).
-
-    Derivation: an expert with ``n ≥ 1`` rows needs ``⌈n / M⌉ = 1 + ⌊(n − 1) / M⌋`` tiles, so ``m'``
-    non-empty experts need ``m' + Σ ⌊(n_e − 1) / M⌋ ≤ m' + ⌊(N − m') / M⌋`` tiles; that grows with ``m'``,
-    and at most ``min(E, N)`` experts can be non-empty (each holds a row). The bound is reached (``m − 1``
-    experts with one row, the rest on one expert), so it is tight; it is also ``≤ min(N, ⌈N / M⌉ + E)``.
-    At decode it matters: DeepSeek-V3 at ``T = 1`` (``N = 8``, ``E = 256``, ``M = 16``) needs 8 slots where
-    ``⌈N / M⌉ + E`` gives 257. Slots past the last tile exit at once; sizing the grid this way needs no host
-    synchronisation. One slot is kept when ``N = 0`` so that every launch over the slots has a program (the
-    schedule kernel's first program also writes the offsets)."""
-    num_rows = check_int("num_rows", num_rows, minimum=0)
-    num_experts = check_int("num_experts", num_experts, minimum=1)
-    block_m = check_int("block_m", block_m, minimum=1)
-    live = min(num_experts, num_rows)
-    return max(1, live + (num_rows - live) // block_m)
-
-
-def tile_schedule(counts, block_m: int) -> tuple[Tensor, Tensor]:
-    """The ``BLOCK_M``-row tiles of a grouped GEMM over expert-grouped rows.
-
-    Expert ``e`` owns rows ``offsets[e] : offsets[e] + n_e`` of the (unpadded) grouped batch and gets
-    ``ceil(n_e / M)`` tiles; tile ``i`` covers rows ``tile_row[i] : tile_row[i] + M`` of expert
-    ``tile_expert[i]``, the rows past the expert's end masked. Returns ``(tile_expert, tile_row)``, int64,
-    for the used tiles only, in order (the same semantics as ``moe_lib.kernels.Metadata``, whose arrays
-    are padded to :func:`max_tiles` with ``-1``).
-    """
-    c = _counts(counts)
-    block_m = check_int("block_m", block_m, minimum=1)
-    tile_expert, tile_row, start = [], [], 0
-    for e, n in enumerate(c):
-        for i in range(math.ceil(n / block_m)):
-            tile_expert.append(e)
-            tile_row.append(start + i * block_m)
-        start += n
-    return torch.tensor(tile_expert, dtype=torch.long), torch.tensor(tile_row, dtype=torch.long)
-
-
 def tile_stats(counts, block_m: int) -> dict[str, float]:
     """Tiles of a grouped-GEMM kernel: ``tiles = Σ ceil(n_e/M)``, ``tile_rows = M·tiles`` (rows the tiles
     span, masked ones included), ``waste = (tile_rows − N)/N`` (masked rows per real row; at most
     ``E·(M−1)/N``) and ``max_tiles`` (the tile slots the kernel grid launches, :func:`max_tiles`)."""
-    c = _counts(counts)
+    c = check_counts("counts", counts)
     block_m = check_int("block_m", block_m, minimum=1)
     real = sum(c)
     tiles = sum(math.ceil(n / block_m) for n in c)
@@ -194,7 +94,7 @@ def grouped_flops(counts, d_model: int, d_ff: int, variant: str, *, d_out: int |
     d_model = check_int("d_model", d_model, minimum=1)
     d_ff = check_int("d_ff", d_ff, minimum=1)
     d_out = d_model if d_out is None else check_int("d_out", d_out, minimum=1)
-    c = _counts(counts)
+    c = check_counts("counts", counts)
     rows = {"loop": sum(c), "grouped": sum(c), "padded": padding_stats(c)["padded_rows"],
             "fused": tile_stats(c, block_m)["tile_rows"]}[variant]
     return 2 * rows * d_ff * (2 * d_model + d_out)
@@ -240,7 +140,7 @@ def traffic_ops(counts, num_tokens: int, d_model: int, d_ff: int, variant: str, 
     d = check_int("d_model", d_model, minimum=1)
     f = check_int("d_ff", d_ff, minimum=1)
     o = d if d_out is None else check_int("d_out", d_out, minimum=1)
-    c = _counts(counts)
+    c = check_counts("counts", counts)
     N = sum(c)
     E = len(c)
     touched = sum(1 for n in c if n > 0)
@@ -299,7 +199,7 @@ def memory_traffic(counts, num_tokens: int, d_model: int, d_ff: int, variant: st
 def compulsory_traffic(counts, num_tokens: int, d_model: int, d_ff: int, *, d_out: int | None = None,
                        bytes_per_elem: int = 4) -> int:
     """The bytes no implementation can avoid: read ``x`` and the touched experts' weights, write ``y``."""
-    c = _counts(counts)
+    c = check_counts("counts", counts)
     o = d_model if d_out is None else d_out
     touched = sum(1 for n in c if n > 0)
     return bytes_per_elem * (num_tokens * d_model + touched * d_ff * (2 * d_model + o) + num_tokens * o)
@@ -354,51 +254,3 @@ def count_traffic(fn: Callable[..., object], *args, **kwargs) -> dict:
     read = sum(r for _, r, _ in ops)
     written = sum(w for _, _, w in ops)
     return {"read": read, "written": written, "total": read + written, "ops": ops}
-
-
-# --------------------------------------------------------------------------------------------------
-# Timing
-# --------------------------------------------------------------------------------------------------
-
-def wall_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, device=None,
-              statistic: str = "min") -> float:
-    """Wall-clock seconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed calls: the fastest
-    call (``statistic="min"``, the least disturbed run on a shared machine) or the ``"median"``. With a
-    CUDA ``device`` the clock starts and stops on a synchronised device (chapter 12 uses CUDA events)."""
-    statistic = check_choice("statistic", statistic, ("min", "median"))
-    times = wall_times(fn, repeats=repeats, warmup=warmup, device=device)
-    return min(times) if statistic == "min" else statistics.median(times)
-
-
-
-def wall_times(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, device=None) -> list[float]:
-    """Wall-clock seconds of each of ``repeats`` calls of ``fn()`` after ``warmup`` untimed calls — the raw
-    samples behind :func:`wall_time`, for reporting a spread (:func:`median_iqr`) instead of one number.
-    With a CUDA ``device`` the clock starts and stops on a synchronised device."""
-    repeats = check_int("repeats", repeats, minimum=1)
-    warmup = check_int("warmup", warmup, minimum=0)
-    cuda = device is not None and torch.device(device).type == "cuda"
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def median_iqr(times) -> tuple[float, float, float]:
-    """``(median, q1, q3)`` of timing samples: the median and the first and third quartiles (linear
-    interpolation between order statistics, NumPy's default), the spread the book shows beside a CPU time."""
-    import numpy as np
-
-    values = np.asarray(list(times), dtype=float)
-    if values.size == 0 or not np.isfinite(values).all():
-        raise ValueError(f"times must be a non-empty sequence of finite numbers, got {values.tolist()}")
-    q1, median, q3 = np.percentile(values, [25, 50, 75])
-    return float(median), float(q1), float(q3)

@@ -822,3 +822,51 @@ ROUTERS: dict[str, type[Router]] = {
     for c in (DenseRouter, TopKRouter, NoisyTopKRouter, SwitchRouter, GShardRouter, ExpertChoiceRouter,
               HashRouter, BaseRouter, SoftMoERouter, AuxFreeRouter, GroupLimitedRouter, GroupCapacityRouter)
 }
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthetic routings with a controlled skew (no router: benchmarks and the book's cost models)
+# --------------------------------------------------------------------------------------------------
+
+def zipf_popularity(num_experts: int, exponent: float) -> Tensor:
+    """``p_e ∝ (e + 1)^(-exponent)``: expert 0 is the most popular; ``exponent = 0`` is uniform."""
+    check_int("num_experts", num_experts, minimum=1)
+    exponent = check_nonnegative_float("exponent", exponent)
+    p = torch.arange(1, num_experts + 1, dtype=torch.float64).pow(-exponent)
+    return (p / p.sum()).float()
+
+
+def synthetic_routing(num_tokens: int, num_experts: int, top_k: int, *, zipf: float = 0.0,
+                      balanced: bool = False, generator: torch.Generator | None = None,
+                      device=None) -> Routing:
+    """A top-``k`` routing of ``num_tokens`` tokens with a chosen load skew, independent of any input.
+
+    * ``balanced=True``: token ``t``'s ``j``-th expert is ``(t·k + j) mod E`` — every expert gets
+      ``T·k/E`` rows exactly when ``E`` divides ``T·k`` (the best case for padding).
+    * otherwise each token draws ``k`` distinct experts without replacement from the Zipf popularity
+      :func:`zipf_popularity` (``zipf = 0``: uniformly random; larger: a few experts take most tokens).
+      The draw is the Gumbel top-k trick: ``logits = log p + Gumbel``, experts = top-k of the logits,
+      which is exactly sampling without replacement proportionally to ``p``.
+
+    The returned :class:`~moe_lib.routers.Routing` is that of a real softmax top-k router on those logits:
+    ``probs = softmax(logits)``, weights = the chosen probabilities renormalised to sum to one. It is drawn
+    on the CPU (with ``generator``) and moved to ``device``.
+    """
+    num_tokens = check_int("num_tokens", num_tokens, minimum=0)
+    num_experts = check_int("num_experts", num_experts, minimum=1)
+    top_k = check_int("top_k", top_k, minimum=1, maximum=num_experts)
+    check_bool("balanced", balanced)
+    u = torch.rand(num_tokens, num_experts, generator=generator).clamp_(1e-12, 1 - 1e-7)
+    gumbel = -torch.log(-torch.log(u))
+    if balanced:
+        assigned = (torch.arange(num_tokens).unsqueeze(1) * top_k + torch.arange(top_k)) % num_experts
+        # the bonus (30) exceeds the Gumbel noise's range, so the top-k set is exactly the assigned one
+        logits = gumbel + torch.zeros(num_tokens, num_experts).scatter_(1, assigned, 30.0)
+    else:
+        logits = zipf_popularity(num_experts, zipf).log() + gumbel
+    experts = logits.topk(top_k, dim=-1).indices
+    probs = torch.softmax(logits, dim=-1)
+    chosen = probs.gather(1, experts)
+    weights = chosen / chosen.sum(-1, keepdim=True).clamp_min(1e-20)
+    return Routing(logits=logits.to(device), probs=probs.to(device), experts=experts.to(device),
+                   weights=weights.to(device))

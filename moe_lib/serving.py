@@ -74,7 +74,7 @@ def time_decode(layer: nn.Module, d_model: int, batch_sizes: Iterable[int], repe
     timed between device synchronisations. Wall-clock: tag notebook cells that print it
     ``nbval-ignore-output``.
     """
-    from .grouping import median_iqr, wall_times
+    from .bench.timing import median_iqr, wall_times
 
     check_int("repeats", repeats, minimum=1)
     param = next(layer.parameters(), None)

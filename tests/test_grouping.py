@@ -9,9 +9,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from moe_lib import grouping as G
 from moe_lib.backends import loop_backend, padded_backend
-from moe_lib.dispatch import make_plan
+from moe_lib.bench.timing import wall_time
+from moe_lib.dispatch import make_plan, max_tiles, tile_schedule
 from moe_lib.experts import SwiGLUExperts
 from moe_lib.metrics import expert_load
+from moe_lib.routers import synthetic_routing, zipf_popularity
 
 
 # ------------------------------------------------------------------------------------------ routings
@@ -19,7 +21,7 @@ from moe_lib.metrics import expert_load
 @pytest.mark.parametrize("kw", [{"balanced": True}, {"zipf": 0.0}, {"zipf": 1.2}])
 def test_synthetic_routing_is_a_valid_topk_routing(kw):
     g = torch.Generator().manual_seed(0)
-    r = G.synthetic_routing(100, 8, 3, generator=g, **kw)
+    r = synthetic_routing(100, 8, 3, generator=g, **kw)
     assert r.experts.shape == (100, 3) and r.weights.shape == (100, 3) and r.probs.shape == (100, 8)
     assert all(len(set(row)) == 3 for row in r.experts.tolist())  # k distinct experts
     torch.testing.assert_close(r.weights.sum(-1), torch.ones(100))
@@ -30,25 +32,28 @@ def test_synthetic_routing_is_a_valid_topk_routing(kw):
 
 
 def test_balanced_routing_is_exact_and_deterministic():
-    r = G.synthetic_routing(96, 8, 2, balanced=True, generator=torch.Generator().manual_seed(1))
+    r = synthetic_routing(96, 8, 2, balanced=True, generator=torch.Generator().manual_seed(1))
     assert expert_load(r.experts, 8).tolist() == [24] * 8
-    a = G.synthetic_routing(50, 8, 2, zipf=1.0, generator=torch.Generator().manual_seed(3))
-    b = G.synthetic_routing(50, 8, 2, zipf=1.0, generator=torch.Generator().manual_seed(3))
+    a = synthetic_routing(50, 8, 2, zipf=1.0, generator=torch.Generator().manual_seed(3))
+    b = synthetic_routing(50, 8, 2, zipf=1.0, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a.experts, b.experts) and torch.equal(a.weights, b.weights)
 
 
 def test_zipf_top1_frequencies_follow_popularity():
     """Gumbel top-1 samples exactly proportionally to p."""
-    p = G.zipf_popularity(6, 1.0)
+    p = zipf_popularity(6, 1.0)
     torch.testing.assert_close(p.sum(), torch.tensor(1.0))
-    r = G.synthetic_routing(60000, 6, 1, zipf=1.0, generator=torch.Generator().manual_seed(0))
+    r = synthetic_routing(60000, 6, 1, zipf=1.0, generator=torch.Generator().manual_seed(0))
     freq = expert_load(r.experts, 6).float() / 60000
     torch.testing.assert_close(freq, p, atol=0.01, rtol=0)
 
 
 def test_skew_grows_with_the_zipf_exponent():
-    waste = [G.padding_stats(expert_load(G.synthetic_routing(4096, 16, 2, zipf=s, generator=torch.Generator().manual_seed(0)).experts, 16))["waste"]
-             for s in (0.0, 0.5, 1.0, 2.0)]
+    def waste_at(s):
+        routing = synthetic_routing(4096, 16, 2, zipf=s, generator=torch.Generator().manual_seed(0))
+        return G.padding_stats(expert_load(routing.experts, 16))["waste"]
+
+    waste = [waste_at(s) for s in (0.0, 0.5, 1.0, 2.0)]
     assert waste == sorted(waste) and waste[0] < 0.2 and waste[-1] > 2
 
 
@@ -63,7 +68,7 @@ def test_padding_and_tile_stats_hand_computed():
     t = G.tile_stats(counts, 2)
     assert t["tiles"] == 2 + 0 + 3 and t["tile_rows"] == 10 and t["waste"] == pytest.approx(2 / 8)
     assert t["max_tiles"] == 3 + (8 - 3) // 2  # m + floor((N - m) / M), m = min(E, N): tight (1 + 1 + 3 rows' tiles)
-    te, tr = G.tile_schedule(counts, 2)
+    te, tr = tile_schedule(counts, 2)
     assert te.tolist() == [0, 0, 2, 2, 2] and tr.tolist() == [0, 2, 3, 5, 7]
     assert G.padding_stats(torch.tensor([0, 0]))["waste"] == 0.0
 
@@ -74,7 +79,7 @@ def test_tile_bounds(counts, block_m):
     n = sum(counts)
     assert t["tiles"] <= t["max_tiles"]
     assert n <= t["tile_rows"] <= n + len(counts) * (block_m - 1)
-    te, tr = G.tile_schedule(counts, block_m)
+    te, tr = tile_schedule(counts, block_m)
     assert te.numel() == t["tiles"]
     # every grouped row is covered by exactly one tile of its own expert
     offsets = [0]
@@ -90,19 +95,19 @@ def test_tile_bounds(counts, block_m):
 @given(st.integers(1, 64), st.integers(1, 16), st.integers(1, 4), st.floats(0, 3))
 def test_padding_waste_is_bounded_by_e_over_k(tokens, experts, k, zipf):
     k = min(k, experts)
-    r = G.synthetic_routing(tokens, experts, k, zipf=zipf, generator=torch.Generator().manual_seed(tokens))
+    r = synthetic_routing(tokens, experts, k, zipf=zipf, generator=torch.Generator().manual_seed(tokens))
     assert G.padding_stats(expert_load(r.experts, experts))["waste"] <= experts / k - 1 + 1e-9
 
 
 def test_tile_schedule_matches_the_kernels_reference():
     from moe_lib.kernels import reference  # plain torch: no optional package, so never skipped
     g = torch.Generator().manual_seed(0)
-    r = G.synthetic_routing(200, 8, 2, zipf=1.0, generator=g)
+    r = synthetic_routing(200, 8, 2, zipf=1.0, generator=g)
     block_m = 16
     n = r.experts.numel()
     counts, offsets, _, tile_expert, tile_row = reference.permute_metadata_ref(
-        r.experts, 8, block_m, G.max_tiles(n, 8, block_m))
-    te, tr = G.tile_schedule(counts, block_m)
+        r.experts, 8, block_m, max_tiles(n, 8, block_m))
+    te, tr = tile_schedule(counts, block_m)
     used = tile_expert >= 0
     assert torch.equal(tile_expert[used].long(), te) and torch.equal(tile_row[used].long(), tr)
     assert (tile_expert[te.numel():] == -1).all()
@@ -120,7 +125,7 @@ def test_grouped_flops_match_counted_flops():
     torch.manual_seed(0)
     T, d, f, E, k = 40, 8, 12, 4, 2
     experts = SwiGLUExperts(E, d, f)
-    routing = G.synthetic_routing(T, E, k, zipf=1.5, generator=torch.Generator().manual_seed(0))
+    routing = synthetic_routing(T, E, k, zipf=1.5, generator=torch.Generator().manual_seed(0))
     plan = make_plan(routing)
     x = torch.randn(T, d)
     assert _counted(loop_backend, experts, x, plan) == G.grouped_flops(plan.counts, d, f, "loop")
@@ -186,7 +191,7 @@ def test_traffic_model_equals_the_operations_torch_runs(kw):
     T, d, f, E, k = 96, 8, 12, 4, 2
     experts = SwiGLUExperts(E, d, f)
     x = torch.randn(T, d)
-    plan = make_plan(G.synthetic_routing(T, E, k, generator=torch.Generator().manual_seed(0), **kw))
+    plan = make_plan(synthetic_routing(T, E, k, generator=torch.Generator().manual_seed(0), **kw))
     assert (plan.counts > 0).all()  # the model reads only touched experts' weights; bmm and grouped_mm read all
     for variant, fn in (("loop", loop_backend), ("padded", padded_backend), ("grouped", _grouped_mm_backend)):
         with torch.no_grad():
@@ -217,20 +222,20 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="block_m"):
         G.tile_stats([3], 0)
     with pytest.raises(ValueError, match="top_k"):
-        G.synthetic_routing(4, 2, 3)
+        synthetic_routing(4, 2, 3)
     with pytest.raises(TypeError, match="balanced"):
-        G.synthetic_routing(4, 2, 1, balanced=1)
+        synthetic_routing(4, 2, 1, balanced=1)
     with pytest.raises(ValueError, match="exponent"):
-        G.zipf_popularity(4, -1.0)
+        zipf_popularity(4, -1.0)
 
 
 def test_wall_time():
     calls = []
-    t = G.wall_time(lambda: calls.append(1), repeats=3, warmup=2)
+    t = wall_time(lambda: calls.append(1), repeats=3, warmup=2)
     assert len(calls) == 5 and t >= 0 and math.isfinite(t)
-    assert G.wall_time(lambda: None, repeats=3, statistic="median") >= 0
+    assert wall_time(lambda: None, repeats=3, statistic="median") >= 0
     with pytest.raises(ValueError, match="statistic"):
-        G.wall_time(lambda: None, statistic="mean")
+        wall_time(lambda: None, statistic="mean")
 
 
 def test_chapter_11_plots_draw():
@@ -241,13 +246,13 @@ def test_chapter_11_plots_draw():
 
     from moe_lib.plot import plot_permutation, plot_row_layouts, plot_tile_schedule
 
-    r = G.synthetic_routing(6, 4, 2, zipf=1.0, generator=torch.Generator().manual_seed(0))
+    r = synthetic_routing(6, 4, 2, zipf=1.0, generator=torch.Generator().manual_seed(0))
     ax = plot_permutation(r.experts, 4)
     assert len(ax.patches) == 2 * 12  # one box per assignment on each side
     counts = [5, 0, 3]
     ax = plot_row_layouts(counts, 4)
     assert ax.get_xlim()[1] >= 3 * 5
-    te, tr = G.tile_schedule(counts, 4)
+    te, tr = tile_schedule(counts, 4)
     offsets = torch.tensor([0, 5, 5, 8])
     ax = plot_tile_schedule(torch.cat([te, torch.tensor([-1])]), torch.cat([tr, torch.tensor([0])]), offsets, 4)
     assert len(ax.get_xticks()) == te.numel() + 1

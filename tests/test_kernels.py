@@ -160,7 +160,7 @@ def test_max_tiles_is_the_tight_bound():
     split needs, and never exceeds min(N, ceil(N/M) + E) (the decode grid follows the live tiles)."""
     import itertools
 
-    from moe_lib.grouping import max_tiles
+    from moe_lib.dispatch import max_tiles
 
     for n, e, m in itertools.product(range(1, 8), range(1, 5), (1, 2, 3, 16)):
         worst = max(sum(-(-c // m) for c in split)

@@ -74,10 +74,11 @@ def test_time_decode_spread_keys():
 def test_time_decode_median_of_an_even_number_of_repeats(monkeypatch):
     """With two repeats the median is the mean of the two times, inside its quartiles (it was the larger
     one, above the interpolated upper quartile, and chapter 14's error bars went negative)."""
-    from moe_lib import MoELayer, grouping
+    from moe_lib import MoELayer
+    from moe_lib.bench import timing
     from moe_lib.serving import time_decode
 
-    monkeypatch.setattr(grouping, "wall_times", lambda fn, repeats, warmup, device: [0.002, 0.004][:repeats])
+    monkeypatch.setattr(timing, "wall_times", lambda fn, repeats, warmup, device: [0.002, 0.004][:repeats])
     layer = MoELayer(d_model=8, d_ff=8, num_experts=4, top_k=1).eval()
     row = time_decode(layer, 8, [2], repeats=2, spread=True)[0]
     assert row["ms"] == pytest.approx(3.0) and row["tokens_per_s"] == pytest.approx(2 / 0.003)
@@ -90,7 +91,8 @@ def test_timers_synchronise_on_the_device_of_what_they_time(monkeypatch):
     A layer on the meta device stands in for a GPU here; the tokens go to the layer's device."""
     import torch
 
-    from moe_lib import MoELayer, grouping
+    from moe_lib import MoELayer
+    from moe_lib.bench import timing
     from moe_lib.interop import random_block, time_implementations
     from moe_lib.serving import time_decode
 
@@ -100,7 +102,7 @@ def test_timers_synchronise_on_the_device_of_what_they_time(monkeypatch):
         seen.append(torch.device(device))
         return [0.001] * repeats
 
-    monkeypatch.setattr(grouping, "wall_times", fake_wall_times)
+    monkeypatch.setattr(timing, "wall_times", fake_wall_times)
     layer = MoELayer(d_model=8, d_ff=8, num_experts=4, top_k=1).to("meta")
     time_decode(layer, 8, [2], repeats=2)
     assert seen == [torch.device("meta")]

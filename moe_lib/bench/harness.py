@@ -39,6 +39,7 @@ from torch import Tensor
 from ..reproducibility import git_state
 from ..utils import relative_norm_error
 from .shapes import MODES, PHASES, ROUTINGS, Shape
+from .timing import wall_times
 
 SCHEMA = "moe_lib.bench/1"
 
@@ -115,7 +116,7 @@ def make_routing(kind: str, x: Tensor, shape: Shape, seed: int, router_weight: T
     the tokens; ``zipf`` samples ``k`` distinct experts per token from ``p_e ∝ rank(e)^-s``. The random
     parts are drawn on the CPU from ``seed``, so they are the same on every machine.
     """
-    from ..grouping import synthetic_routing
+    from ..routers import synthetic_routing
     from ..kernels.reference import route_ref
 
     T, E, k = x.shape[0], shape.E, shape.k
@@ -573,25 +574,20 @@ def impl_registry() -> dict[str, Impl]:
 def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none: Sequence[Tensor] = (),
             warmup_ms: float = 25, rep_ms: float = 100, cpu_reps: int = 5, cpu_max_s: float = 0.5) -> float:
     """Median milliseconds of ``fn()``. CUDA: ``triton.testing.do_bench`` (L2 flushed between calls).
-    CPU: one warm-up call, then up to ``cpu_reps`` timed calls, stopping after ``cpu_max_s`` seconds
-    (at least one), median by ``time.perf_counter``."""
+    CPU: :func:`moe_lib.bench.timing.wall_times` — one warm-up call, then up to ``cpu_reps`` timed calls
+    (the gradients of ``grad_to_none`` cleared before each), stopping after ``cpu_max_s`` seconds (at least
+    one); the middle sample (the upper one of an even count)."""
     if device.type == "cuda":
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grad_to_none) or None,
                                              return_mode="median"))
-    fn()
-    times = []
-    start = time.perf_counter()
-    for _ in range(cpu_reps):
+
+    def clear_grads():
         for t in grad_to_none:
             t.grad = None
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > cpu_max_s:
-            break
-    times.sort()
+
+    times = sorted(wall_times(fn, repeats=cpu_reps, warmup=1, device=device, max_s=cpu_max_s, before=clear_grads))
     return 1e3 * times[len(times) // 2]
 
 

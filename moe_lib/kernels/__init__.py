@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .._validate import check_bool, check_choice, check_int
-from ..grouping import max_tiles
+from ..dispatch import max_tiles
 from . import reference
 from .config import BLOCK_M_CHOICES, block_m_for, interpreting
 
@@ -176,7 +176,7 @@ class Metadata:
 
 
 #: ``m + ⌊(N − m) / block_m⌋`` with ``m = min(E, N)``: the most tiles (``Σ_e ⌈n_e / block_m⌉``) any split of
-#: ``N`` rows over ``E`` experts can need (tight; see :func:`moe_lib.grouping.max_tiles`).
+#: ``N`` rows over ``E`` experts can need (tight; see :func:`moe_lib.dispatch.max_tiles`).
 max_tiles_for = max_tiles
 
 

@@ -89,7 +89,7 @@ def check_route(shape: Shape, num_tokens: int, device, dtype, seed: int = 0) -> 
 
 def check_metadata(shape: Shape, num_tokens: int, device, seed: int = 0) -> dict:
     """``permute_metadata`` (triton) equals the reference bit for bit on a random routing of ``num_tokens``."""
-    from ..grouping import synthetic_routing
+    from ..routers import synthetic_routing
     from . import permute_metadata
 
     routing = synthetic_routing(num_tokens, shape.E, shape.k, generator=torch.Generator().manual_seed(seed))

@@ -22,7 +22,7 @@ Every address that involves a row index or an expert index is computed in 64-bit
 ``T·d`` and ``E·d·f`` pass 2³¹ on real shapes (DeepSeek-V3: 256·7168·2048 ≈ 3.8·10⁹ weight elements).
 
 All GEMM grids run over a fixed number of tile slots (``m + ⌊(N − m) / block_m⌋``, ``m = min(E, N)``: the
-most tiles any routing can need, :func:`moe_lib.grouping.max_tiles`), never over a count read back from the
+most tiles any routing can need, :func:`moe_lib.dispatch.max_tiles`), never over a count read back from the
 device, so a forward pass launches without a host synchronisation. At decode this is the number of live tiles
 (one per chosen expert), not ``E`` spare slots per column block. The tile-slot GEMMs (up, down, dh) keep
 their body in a ``_*_tile`` function so that, with ``PERSISTENT`` (``MOE_LIB_PERSISTENT=1``, off by default),
