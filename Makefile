@@ -9,7 +9,7 @@
 #   make clean       remove _build        make distclean   also remove .venv
 #
 # Every notebook runs in the `moe-book` Jupyter kernel that `make install` writes into .venv: the
-# reproducible CPU profile of moe_lib/reproducibility.py (pinned instruction sets, MKL code path, one
+# reproducible CPU profile of moe_lib/book/reproducibility.py (pinned instruction sets, MKL code path, one
 # thread), so the stored outputs are reproduced bit for bit on any Linux x86-64 machine with AVX2.
 #
 # Only python3 and make are needed: everything else goes into .venv, pinned by
@@ -23,7 +23,7 @@ STAMP := $(VENV)/.installed
 # pull a multi-GB CUDA build. Keep in step with requirements/constraints.txt.
 TORCH_VERSION := 2.13.0
 NB ?=
-# The Jupyter kernel every notebook runs in (moe_lib/reproducibility.py writes it).
+# The Jupyter kernel every notebook runs in (moe_lib/book/reproducibility.py writes it).
 KERNEL := $(VENV)/share/jupyter/kernels/moe-book/kernel.json
 
 # The test steps must run in order (the browser test needs the built book).
@@ -40,8 +40,8 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[book,test]"
 	touch $@
 
-$(KERNEL): $(STAMP) moe_lib/reproducibility.py
-	$(PY) -m moe_lib.reproducibility install-kernel
+$(KERNEL): $(STAMP) moe_lib/book/reproducibility.py
+	$(PY) -m moe_lib.book.reproducibility install-kernel
 
 # ---------------------------------------------------------------------------------------- book
 # (PYTHONPATH: the book's Sphinx extension in scripts/, which _build/_config_execute.yml's
@@ -80,7 +80,7 @@ NBVAL = $(PY) -m pytest -p no:cacheprovider --nbval-kernel-name moe-book --nbval
 
 test-nbval: install
 	nbs="$$($(PY) scripts/toc_notebooks.py)" && \
-	if $(PY) -m moe_lib.reproducibility contract $$nbs; then mode=--nbval; \
+	if $(PY) -m moe_lib.book.reproducibility contract $$nbs; then mode=--nbval; \
 	else mode=--nbval-lax; echo "test-nbval: outputs NOT compared on this machine; notebooks executed only"; fi && \
 	$(NBVAL) $$mode -n $(JOBS) --dist loadfile --durations=15 $$nbs
 

@@ -4,13 +4,21 @@ One data path for every mixture in the book, from the 1991 mixture of local expe
 
     x [..., d] -> router -> dispatch (group by expert, capacity) -> expert bank -> weighted combine -> y
 
-Start with :class:`MoELayer`. Subpackages: :mod:`moe_lib.classic` (the 1991 mixture's losses, hierarchical
-mixtures and EM), :mod:`moe_lib.tasks` (the multi-domain task of Part II), :mod:`moe_lib.models` (a small
-MoE Transformer language model), :mod:`moe_lib.corpus` (its offline byte corpus), :mod:`moe_lib.interop`
+Start with :class:`MoELayer`. The core data path is the top-level modules (:mod:`~moe_lib.routers`,
+:mod:`~moe_lib.dispatch`, :mod:`~moe_lib.backends`, :mod:`~moe_lib.experts`, :mod:`~moe_lib.layer`,
+:mod:`~moe_lib.losses`, :mod:`~moe_lib.metrics`, :mod:`~moe_lib.training`, :mod:`~moe_lib.stats`,
+:mod:`~moe_lib.utils`). Library subpackages: :mod:`moe_lib.classic` (the 1991 mixture's losses, hierarchical
+mixtures and EM), :mod:`moe_lib.models` (a small MoE Transformer language model), :mod:`moe_lib.interop`
 (:func:`from_transformers` for Hugging Face MoE blocks), :mod:`moe_lib.distributed` (expert parallelism),
-:mod:`moe_lib.serving` and :mod:`moe_lib.business` (decode cost, the cost calculator), :mod:`moe_lib.practice`
-(fine-tuning by parameter role, upcycling, merging), :mod:`moe_lib.applications` (MMoE, anomaly detection,
-a vision MoE), :mod:`moe_lib.data`.
+:mod:`moe_lib.practice` (fine-tuning by parameter role, upcycling, merging), :mod:`moe_lib.applications`
+(MMoE, anomaly detection, a vision MoE), :mod:`moe_lib.bench` (the benchmark harness and the one timer,
+:mod:`moe_lib.bench.timing`).
+
+:mod:`moe_lib.book` holds what the book's chapters use to teach and is not part of the data path: the data
+sets (``book.data``), the multi-domain task of Part II (``book.tasks``), the byte corpus (``book.corpus``),
+plots (``book.plot``), cost models and calculators (``book.grouping``, ``book.serving``, ``book.business``),
+the full-scale experiment records (``book.full_scale``) and the reproducibility contract
+(``book.reproducibility``).
 
 :mod:`moe_lib.kernels` holds the Triton kernels (chapter 11); without CUDA they run in Triton's interpreter,
 which must be chosen before Triton is first imported — so this module sets ``TRITON_INTERPRET=1`` (unless
@@ -51,9 +59,9 @@ from .utils import book_file, count_flops, resolve_device, seed_everything, to_d
 
 __version__ = "0.1.0"
 
-#: Subpackages and modules loaded on first attribute access (``moe_lib.tasks``, ``from moe_lib import tasks``).
-_LAZY_MODULES = ("applications", "bench", "business", "classic", "corpus", "data", "distributed", "full_scale",
-                 "grouping", "interop", "kernels", "models", "plot", "practice", "reproducibility", "serving", "tasks")
+#: Subpackages loaded on first attribute access (``moe_lib.book``, ``from moe_lib import book``).
+_LAZY_MODULES = ("applications", "bench", "book", "classic", "distributed", "interop", "kernels", "models",
+                 "practice")
 #: Top-level names that live in a lazily loaded subpackage.
 _LAZY_NAMES = {"from_transformers": "interop", "patch_transformers": "interop", "unpatch_transformers": "interop",
                "routing_report": "interop", "ExpertParallelMoE": "distributed"}
@@ -86,6 +94,6 @@ __all__ = [
     "from_transformers", "patch_transformers", "unpatch_transformers", "routing_report",
     "ExpertParallelMoE", "count_flops", "seed_everything", "resolve_device", "to_device", "book_file",
     # modules
-    "applications", "backends", "business", "classic", "corpus", "data", "dispatch", "distributed", "experts", "interop",
-    "losses", "metrics", "models", "practice", "routers", "serving", "tasks", "training", "utils",
+    "applications", "backends", "book", "classic", "dispatch", "distributed", "experts", "interop",
+    "losses", "metrics", "models", "practice", "routers", "training", "utils",
 ]

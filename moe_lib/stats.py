@@ -117,7 +117,7 @@ def summarize(values: Iterable[float], confidence: float = 0.95) -> Summary:
 
 def summarize_curves(curves) -> tuple:
     """Pointwise mean and 95 % t half-width of ``curves`` (``[n_seeds, n_points]``, ``n_seeds`` ≥ 2): the line
-    and the band of a training curve over seeds (see :func:`moe_lib.plot.mean_band`). Returns NumPy arrays."""
+    and the band of a training curve over seeds (see :func:`moe_lib.book.plot.mean_band`). Returns NumPy arrays."""
     import numpy as np
 
     arr = np.asarray(curves, dtype=float)

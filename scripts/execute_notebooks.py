@@ -4,7 +4,7 @@
 The book is built from the outputs stored in the notebooks, and ``make test`` (nbval) compares a fresh
 run against them, so authors run this after changing a notebook or ``moe_lib``. Each notebook runs
 top to bottom with nbclient in its own folder (the working directory is the notebook's folder), on the
-``moe-book`` kernel (the reproducible CPU profile of ``moe_lib/reproducibility.py``, installed into
+``moe-book`` kernel (the reproducible CPU profile of ``moe_lib/book/reproducibility.py``, installed into
 ``.venv`` by ``make install``; the notebook's kernelspec metadata is set to it), with a timeout of 300 s
 per cell. Cell metadata (tags such as ``parameters`` or ``nbval-ignore-output``) is
 kept; the notebook's metadata records the CPU the outputs were computed on (``moe_book.cpu_vendor``: strict
@@ -32,7 +32,7 @@ import nbformat  # noqa: E402
 from nbclient import NotebookClient  # noqa: E402
 from nbclient.exceptions import CellExecutionError  # noqa: E402
 
-from moe_lib.reproducibility import (  # noqa: E402
+from moe_lib.book.reproducibility import (  # noqa: E402
     KERNEL_DISPLAY_NAME,
     KERNEL_NAME,
     OUTPUTS_METADATA_KEY,
@@ -62,7 +62,7 @@ def execute_in_place(path: Path, timeout: int = TIMEOUT_S, kernel_name: str = KE
     client.execute()
     elapsed = time.perf_counter() - start
     # The CPU vendor that computed these outputs: the reproducibility contract compares them only on a
-    # machine of the same vendor (moe_lib.reproducibility.contract).
+    # machine of the same vendor (moe_lib.book.reproducibility.contract).
     nb.metadata[OUTPUTS_METADATA_KEY] = generated_on()
     nbformat.validate(nb)
     nbformat.write(nb, path)

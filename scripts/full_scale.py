@@ -36,7 +36,7 @@ def _commit() -> str | None:
 
 
 def run_one(notebook: Path, timeout: float, parameters: list[tuple[str, str]]) -> dict:
-    from moe_lib.reproducibility import generated_on
+    from moe_lib.book.reproducibility import generated_on
 
     OUT.mkdir(parents=True, exist_ok=True)
     out = OUT / notebook.name

@@ -1,9 +1,9 @@
-"""Chapters 5-6 over seeds: moe_lib.tasks.train_over_seeds and summary_table."""
+"""Chapters 5-6 over seeds: moe_lib.book.tasks.train_over_seeds and summary_table."""
 import numpy as np
 import pytest
 
 from moe_lib.stats import Summary, summarize
-from moe_lib.tasks import SeedRuns, multi_domain_task, summary_table, train_and_evaluate, train_over_seeds
+from moe_lib.book.tasks import SeedRuns, multi_domain_task, summary_table, train_and_evaluate, train_over_seeds
 
 SMALL = dict(steps=4, batch_size=64, num_experts=4, top_k=2, d_model=8, d_ff=8, expert="mlp")
 

@@ -257,7 +257,7 @@ def test_book_root_override_and_errors_name_the_file(tmp_path, monkeypatch):
 
 
 def test_load_anchor_reads_the_same_file_from_anywhere(tmp_path, monkeypatch):
-    from moe_lib.serving import load_anchor
+    from moe_lib.book.serving import load_anchor
 
     monkeypatch.delenv(BOOK_ROOT_ENV, raising=False)
     expected = json.loads((ROOT / "benchmarks" / "anchors" / "h200_2026-11-28.json").read_text())

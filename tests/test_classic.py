@@ -304,7 +304,7 @@ def test_fit_gate_trains_only_the_router():
 
 
 def test_clustered_regression():
-    from moe_lib.data import CLUSTER_CENTRES, clustered_region, clustered_regression, clustered_target
+    from moe_lib.book.data import CLUSTER_CENTRES, clustered_region, clustered_regression, clustered_target
     x, y = clustered_regression(500, seed=3)
     assert x.shape == (500, 2) and y.shape == (500, 1) and x.dtype == torch.float32
     x2, y2 = clustered_regression(500, seed=3)
@@ -323,7 +323,7 @@ def test_clustered_regression():
 
 def test_train_recipes_returns_every_method_trained():
     from moe_lib.classic import top_expert_error, train_recipes
-    from moe_lib.data import clustered_regression
+    from moe_lib.book.data import clustered_regression
 
     x, y = clustered_regression(64, seed=0)
     models = train_recipes(x, y, num_experts=2, d_ff=4, steps=4, lr=0.03, seed=0)

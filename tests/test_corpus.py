@@ -1,9 +1,9 @@
-"""Tests of moe_lib.corpus: the offline standard-library corpus and its token-type labels."""
+"""Tests of moe_lib.book.corpus: the offline standard-library corpus and its token-type labels."""
 import numpy as np
 import pytest
 import torch
 
-from moe_lib.corpus import (STDLIB_FILES, TOKEN_TYPES, fixed_windows, random_windows, stdlib_corpus,
+from moe_lib.book.corpus import (STDLIB_FILES, TOKEN_TYPES, fixed_windows, random_windows, stdlib_corpus,
                             token_type_labels)
 
 

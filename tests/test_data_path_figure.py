@@ -1,4 +1,4 @@
-"""``moe_lib.plot.data_path_figure``: the MoE data-path diagram every chapter shows (issue 19).
+"""``moe_lib.book.plot.data_path_figure``: the MoE data-path diagram every chapter shows (issue 19).
 
 Its bad inputs name ``highlight`` and the accepted parts; each part, highlighted, is drawn differently from
 the same part un-highlighted (colours, line widths, font weights of the artists that carry its gid) and
@@ -16,7 +16,7 @@ from matplotlib.colors import to_hex  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
-from moe_lib.plot import DATA_PATH_PARTS, data_path_figure  # noqa: E402
+from moe_lib.book.plot import DATA_PATH_PARTS, data_path_figure  # noqa: E402
 
 PARTS = ["router", "aux_loss", "dispatch", "capacity", "experts", "backend", "parallel", "combine"]
 

@@ -9,7 +9,7 @@ without a way to check it fails :func:`test_every_documented_command_is_checked`
   ``constraints``, ``mutation``, ``pdf``, ``dist``), run as ``make -n`` — the target exists and its recipe expands with the variables shown
   (``make book`` and ``make test`` themselves are what CI runs).
 * ``python -m ...``: run; ``python -m moe_lib.bench`` on a CPU must refuse the production shapes with its
-  message, ``--smoke`` is covered by ``tests/test_bench.py``; ``python -m moe_lib.full_scale chNN`` runs
+  message, ``--smoke`` is covered by ``tests/test_bench.py``; ``python -m moe_lib.book.full_scale chNN`` runs
   with ``--quick --out <a temporary folder>`` (a real run takes up to an hour and writes a committed file).
 * ``papermill notebooks/01... -p quick False -p device cuda``: run as typed; without CUDA it must stop in
   the chapter's setup cell, saying why, in seconds.
@@ -107,7 +107,7 @@ def check_papermill(words: list[str], tmp_path: Path) -> str:
 
 def check_python_module(words: list[str], tmp_path: Path) -> str:
     module = words[words.index("-m") + 1]
-    if module == "moe_lib.full_scale" and "--list" not in words:
+    if module == "moe_lib.book.full_scale" and "--list" not in words:
         # A full-scale run takes up to an hour and writes into the committed full_scale/: here the same
         # command runs the experiment at its quick size into a temporary folder, and must write one file.
         proc = _run(_venv([*words, "--quick", "--out", str(tmp_path)]), timeout=300)

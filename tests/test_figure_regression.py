@@ -1,8 +1,8 @@
-"""The figure regression test (moe_lib.plot.figure_data): it must change when a plotted result changes
+"""The figure regression test (moe_lib.book.plot.figure_data): it must change when a plotted result changes
 and must not change when only the rendering does (fonts, sizes, antialiasing, layout, resolution).
 
 Strict nbval compares the text that figure_data gives for every figure of a chapter (the notebook's
-outputs carry it under moe_lib.plot.FIGURE_DATA_MIME); these tests pin what that text is sensitive to.
+outputs carry it under moe_lib.book.plot.FIGURE_DATA_MIME); these tests pin what that text is sensitive to.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from moe_lib.plot import (  # noqa: E402
+from moe_lib.book.plot import (  # noqa: E402
     FIGURE_DATA_MIME,
     SIGNIFICANT_DIGITS,
     book_style,

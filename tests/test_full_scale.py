@@ -1,4 +1,4 @@
-"""Full-scale results (``moe_lib.full_scale``, issue 14): every committed results file loads, carries its
+"""Full-scale results (``moe_lib.book.full_scale``, issue 14): every committed results file loads, carries its
 provenance and the schema the chapters read; each experiment still runs (at its quick size, a few seconds);
 bad input is refused with a message naming the argument."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_lib import full_scale as fs
+from moe_lib.book import full_scale as fs
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = fs.files(ROOT / fs.DEFAULT_FOLDER)
@@ -67,7 +67,7 @@ def quick_ch17(tmp_path_factory):
 
 
 def test_latest_picks_the_newest_and_says_how_to_make_one(tmp_path, quick_ch17):
-    with pytest.raises(FileNotFoundError, match="python -m moe_lib.full_scale ch08"):
+    with pytest.raises(FileNotFoundError, match="python -m moe_lib.book.full_scale ch08"):
         fs.latest("ch08", tmp_path)
     old = quick_ch17
     (tmp_path / "ch17_20000101T000000.json").write_text(json.dumps(old))

@@ -1,4 +1,4 @@
-"""moe_lib.grouping: skewed routings, padding and tile statistics, FLOPs and the memory-traffic model."""
+"""moe_lib.book.grouping: skewed routings, padding and tile statistics, FLOPs and the memory-traffic model."""
 import math
 
 import pytest
@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from moe_lib import grouping as G
+from moe_lib.book import grouping as G
 from moe_lib.backends import loop_backend, padded_backend
 from moe_lib.bench.timing import wall_time
 from moe_lib.dispatch import make_plan, max_tiles, tile_schedule
@@ -244,7 +244,7 @@ def test_chapter_11_plots_draw():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from moe_lib.plot import plot_permutation, plot_row_layouts, plot_tile_schedule
+    from moe_lib.book.plot import plot_permutation, plot_row_layouts, plot_tile_schedule
 
     r = synthetic_routing(6, 4, 2, zipf=1.0, generator=torch.Generator().manual_seed(0))
     ax = plot_permutation(r.experts, 4)

@@ -10,7 +10,7 @@ from moe_lib import seed_everything
 from moe_lib.classic import accuracy, local_experts, mlp, sparse_copy, top_expert_error
 from moe_lib.classic.mixture import top_expert_accuracy
 from moe_lib.classic.regimes import error_near_edges, gate_sparsity, regime_diagnosis
-from moe_lib.data import PIECES, piecewise_regression, piecewise_region, piecewise_target
+from moe_lib.book.data import PIECES, piecewise_regression, piecewise_region, piecewise_target
 
 EDGES = [left for left, _, _ in PIECES[1:]]
 

@@ -12,7 +12,7 @@ on the committed files (the browser test checks the same pages as rendered).
 * **The prose leads.** A cell that draws a figure is collapsed (tag ``hide-input``; ``remove-input`` for
   the data-path banner): its plotting code is one click away, the experiment's code stays open.
 * **Orientation.** A chapter opens with ``**What you will learn:**`` and ``**Assumes:**``, shows the data
-  path with its part highlighted (``moe_lib.plot.data_path_figure``) before its first section, and closes
+  path with its part highlighted (``moe_lib.book.plot.data_path_figure``) before its first section, and closes
   with a ``Summary`` section right above ``## Exercises``.
 """
 from __future__ import annotations

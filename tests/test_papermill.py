@@ -18,7 +18,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from moe_lib.reproducibility import KERNEL_NAME, OUTPUTS_METADATA_KEY, outputs_vendor
+from moe_lib.book.reproducibility import KERNEL_NAME, OUTPUTS_METADATA_KEY, outputs_vendor
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -32,7 +32,7 @@ os.environ.setdefault("JUPYTER_PREFER_ENV_PATH", "1")
 NOTEBOOKS = toc_notebooks()
 CHAPTER_1 = ROOT / "notebooks" / "01_what_is_moe.ipynb"
 REQUIRED_PARAMETERS = ("quick", "device", "seed")
-KERNEL = KERNEL_NAME  # the reproducible CPU profile (moe_lib.reproducibility), as every other executor
+KERNEL = KERNEL_NAME  # the reproducible CPU profile (moe_lib.book.reproducibility), as every other executor
 TIMEOUT_S = 300
 
 

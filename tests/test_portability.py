@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_lib.reproducibility import KERNEL_NAME, contract, outputs_vendor, profile_env
+from moe_lib.book.reproducibility import KERNEL_NAME, contract, outputs_vendor, profile_env
 
 pytestmark = pytest.mark.portability
 
@@ -109,7 +109,7 @@ def test_every_config_is_used_and_every_part_covered():
 
 _PROBE = """
 import json, os, torch
-from moe_lib.reproducibility import profile_mismatches
+from moe_lib.book.reproducibility import profile_mismatches
 print(json.dumps({"mismatches": profile_mismatches(), "capability": torch.backends.cpu.get_cpu_capability(),
                   "threads": torch.get_num_threads(), "cpus": len(os.sched_getaffinity(0))}))
 """

@@ -1,4 +1,4 @@
-"""moe_lib.reproducibility: the profile, the contract and the moe-book kernel spec."""
+"""moe_lib.book.reproducibility: the profile, the contract and the moe-book kernel spec."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from moe_lib import reproducibility as repro
+from moe_lib.book import reproducibility as repro
 
 AVX2_FLAGS = {"sse2", "avx", "avx2", "fma"}
 

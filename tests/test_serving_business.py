@@ -1,10 +1,10 @@
-"""moe_lib.serving and moe_lib.business: closed forms, measured counts, the LRU cache and the calculator."""
+"""moe_lib.book.serving and moe_lib.book.business: closed forms, measured counts, the LRU cache and the calculator."""
 import pytest
 import torch
 
 from moe_lib import MoELayer
-from moe_lib.business import Hardware, ModelShape, breakeven_batch, serve
-from moe_lib.serving import (LRUExpertCache, cache_hit_rates, decode_bytes, expected_experts_touched, generate,
+from moe_lib.book.business import Hardware, ModelShape, breakeven_batch, serve
+from moe_lib.book.serving import (LRUExpertCache, cache_hit_rates, decode_bytes, expected_experts_touched, generate,
                              load_anchor, measure_experts_touched)
 
 

@@ -162,7 +162,7 @@ def test_summarize_curves_and_band():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from moe_lib.plot import mean_band
+    from moe_lib.book.plot import mean_band
     fig, ax = plt.subplots()
     line = mean_band(ax, [0, 1, 2], curves, label="moe")
     assert line.get_label() == "moe (n=2)" and len(ax.collections) == 1

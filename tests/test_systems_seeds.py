@@ -50,7 +50,7 @@ def _tiny_lm_config():
 def test_random_trace_shape_and_counts():
     import torch
 
-    from moe_lib.serving import random_trace
+    from moe_lib.book.serving import random_trace
 
     tr = random_trace(8, 2, 3, 10, torch.Generator().manual_seed(0))
     assert len(tr) == 10
@@ -62,7 +62,7 @@ def test_random_trace_shape_and_counts():
 
 def test_time_decode_spread_keys():
     from moe_lib import MoELayer
-    from moe_lib.serving import time_decode
+    from moe_lib.book.serving import time_decode
 
     layer = MoELayer(d_model=8, d_ff=8, num_experts=4, top_k=1).eval()
     plain = time_decode(layer, 8, [2], repeats=3)
@@ -76,7 +76,7 @@ def test_time_decode_median_of_an_even_number_of_repeats(monkeypatch):
     one, above the interpolated upper quartile, and chapter 14's error bars went negative)."""
     from moe_lib import MoELayer
     from moe_lib.bench import timing
-    from moe_lib.serving import time_decode
+    from moe_lib.book.serving import time_decode
 
     monkeypatch.setattr(timing, "wall_times", lambda fn, repeats, warmup, device: [0.002, 0.004][:repeats])
     layer = MoELayer(d_model=8, d_ff=8, num_experts=4, top_k=1).eval()
@@ -94,7 +94,7 @@ def test_timers_synchronise_on_the_device_of_what_they_time(monkeypatch):
     from moe_lib import MoELayer
     from moe_lib.bench import timing
     from moe_lib.interop import random_block, time_implementations
-    from moe_lib.serving import time_decode
+    from moe_lib.book.serving import time_decode
 
     seen = []
 
@@ -116,7 +116,7 @@ def test_timers_synchronise_on_the_device_of_what_they_time(monkeypatch):
 def test_touched_and_cache_experiments_are_seeded():
     import torch
 
-    from moe_lib.serving import cache_experiment, touched_experiment
+    from moe_lib.book.serving import cache_experiment, touched_experiment
 
     cfg = _tiny_lm_config()
     a = touched_experiment(0, [1, 4], cfg, trials=5, big=(8, 2), tokens=64)
@@ -148,7 +148,7 @@ def test_headline_numbers_from_the_committed_anchors():
 
 
 def test_model_shape_from_the_mixtral_architecture_table():
-    from moe_lib.business import ModelShape
+    from moe_lib.book.business import ModelShape
 
     arch = dict(d_model=4096, n_layers=32, d_ff=14336, n_heads=32, n_kv_heads=8, head_dim=128, vocab_size=32000)
     mixtral = ModelShape.from_architecture("Mixtral", num_experts=8, top_k=2, **arch)
@@ -161,7 +161,7 @@ def test_model_shape_from_the_mixtral_architecture_table():
 
 
 def test_breakeven_batch_rounds_ties():
-    from moe_lib.business import Hardware, ModelShape, breakeven_batch
+    from moe_lib.book.business import Hardware, ModelShape, breakeven_batch
 
     hw = Hardware("gpu", memory_GB=1000, bandwidth_TBps=4.0, peak_tflops=700.0, price_per_hour=1.0)
     moe = ModelShape.moe("moe", 46.7e9, 12.9e9, num_experts=8, top_k=2)

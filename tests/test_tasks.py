@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moe_lib.tasks import TaskModel, domain_expert_counts, evaluate_task, multi_domain_task, train_and_evaluate
+from moe_lib.book.tasks import TaskModel, domain_expert_counts, evaluate_task, multi_domain_task, train_and_evaluate
 from moe_lib.training import fit_classifier
 
 

@@ -5,7 +5,7 @@ import builtins
 import pytest
 import torch
 
-from moe_lib import data
+from moe_lib.book import data
 
 
 @pytest.fixture

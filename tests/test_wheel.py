@@ -214,7 +214,7 @@ EXTRAS = [
     pytest.param("kernels", "from moe_lib import MoELayer; import torch\n"
                 "MoELayer(d_model=8, d_ff=16, num_experts=4, top_k=2, expert='swiglu', backend='triton')"
                 "(torch.randn(3, 8))", "moe-lib[kernels]", id="kernels"),
-    pytest.param("vowels", "import moe_lib.data; moe_lib.data.peterson_barney_vowels()", "moe-lib[vowels]",
+    pytest.param("vowels", "import moe_lib.book.data; moe_lib.book.data.peterson_barney_vowels()", "moe-lib[vowels]",
                  id="vowels"),
     pytest.param("interop", "import moe_lib, torch; moe_lib.patch_transformers(torch.nn.Linear(2, 2))",
                  "moe-lib[interop]", id="interop-patch"),
@@ -238,7 +238,7 @@ def test_book_files_fail_clearly_outside_a_checkout(fresh_venv):
     """The committed H200 measurements belong to the book, not to the wheel: outside a checkout the error
     says how to point moe_lib at one."""
     python, run_dir = fresh_venv
-    proc = _run([python, "-c", "import moe_lib.serving; moe_lib.serving.load_anchor()"], cwd=run_dir,
+    proc = _run([python, "-c", "import moe_lib.book.serving; moe_lib.book.serving.load_anchor()"], cwd=run_dir,
                 env=_clean_env())
     assert proc.returncode != 0 and "MOE_BOOK_ROOT" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
 

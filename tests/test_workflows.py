@@ -181,5 +181,5 @@ def test_binder_environment_matches_the_makefile():
     assert "-e .[book]" in lines
     post_build = ROOT / "binder" / "postBuild"
     assert os.access(post_build, os.X_OK), "binder/postBuild must be executable"
-    assert "python -m moe_lib.reproducibility install-kernel" in post_build.read_text()
+    assert "python -m moe_lib.book.reproducibility install-kernel" in post_build.read_text()
     assert re.fullmatch(r"python-3\.\d+\s*", (ROOT / "binder" / "runtime.txt").read_text())

@@ -22,8 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..grouping import tile_stats
-from ..serving import expected_experts_touched
+from ..book.grouping import tile_stats
+from ..book.serving import expected_experts_touched
 from .shapes import Shape
 
 

@@ -224,10 +224,10 @@ def describe_reached(epochs: list[int | None], budget: int) -> str:
 
 def arm_problem(n_train: int, n_test: int, *, noise: float = 0.1, seed: int = 0,
                 device: str | torch.device = "cpu") -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Chapter 3's data: :func:`moe_lib.data.arm_inverse_dynamics` training (``seed``) and test
+    """Chapter 3's data: :func:`moe_lib.book.data.arm_inverse_dynamics` training (``seed``) and test
     (``seed + 1000``) sets, inputs and targets standardised with the training set's mean and standard
     deviation, in float64 (EM's solves want double precision). Returns ``x, y, x_test, y_test``."""
-    from ..data import arm_inverse_dynamics
+    from ..book.data import arm_inverse_dynamics
 
     x, y = arm_inverse_dynamics(n_train, noise=noise, seed=seed)
     x_te, y_te = arm_inverse_dynamics(n_test, noise=noise, seed=seed + 1000)

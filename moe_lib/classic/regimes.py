@@ -1,6 +1,6 @@
 """Where a mixture's regression error sits, on a problem made of regimes (chapter 1).
 
-A mixture fitted to a piecewise target with jumps (:func:`moe_lib.data.piecewise_regression`) can miss in two
+A mixture fitted to a piecewise target with jumps (:func:`moe_lib.book.data.piecewise_regression`) can miss in two
 ways: near a jump, where its gate cannot switch exactly at the edge, and inside a regime, where no expert owns
 the regime (two regimes share one expert, or an expert is used only blended with another). These helpers
 measure both, so a chapter can say which one its leftover error is, rather than guess.

@@ -76,7 +76,7 @@ def top_expert_change(before: Tensor, after: Tensor) -> float:
 def plot_routed_text(ax, data: Tensor, experts: Tensor, *, width: int = 64, colors=None) -> None:
     """Draw bytes ``data [N]`` as characters on a grid ``width`` wide, each on a background of its
     expert's colour (``experts [N]``, e.g. the top expert of a layer) — routing made visible."""
-    from ..plot import expert_color
+    from ..book.plot import expert_color
 
     colors = colors or expert_color
     text = bytes(int(b) for b in data).decode("utf-8", errors="replace")

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import check_int, check_positive_float
-from ..corpus import fixed_windows, random_windows
+from ..book.corpus import fixed_windows, random_windows
 from .transformer import LMConfig, TransformerLM
 
 LN2 = math.log(2.0)
@@ -124,7 +124,7 @@ def train_lm(
     """Train ``model`` for ``steps`` steps of ``batch_size`` random windows of ``model.cfg.seq_len`` bytes.
 
     Args:
-        train_data, val_data: 1-D integer token tensors (e.g. :class:`moe_lib.corpus.Corpus` splits).
+        train_data, val_data: 1-D integer token tensors (e.g. :class:`moe_lib.book.corpus.Corpus` splits).
         lr, warmup, weight_decay: AdamW and its schedule (:func:`lr_at`; the schedule depends on
             ``steps``, so a resumed run must pass the same ``steps``).
         seed: seeds the batch generator (the model's initial weights come from the caller's seeding).

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._validate import check_int
+from .._validate import check_int
 
 #: The module files of the corpus, in order (paths relative to the standard library directory). Chosen
 #: as pure-Python modules present in every CPython since 3.9, of varied style (parsers, numerics,

@@ -303,7 +303,7 @@ def install_figure_data_formatter(shell=None) -> bool:
 def mean_band(ax, x, curves, label: str | None = None, color=None, alpha: float = 0.2, **kwargs):
     """Plot the mean of ``curves`` (``[n_seeds, len(x)]``) as a line and its 95 % t-interval as a band
     (:func:`moe_lib.stats.summarize_curves`); the label gets ``(n=…)``. Returns the line."""
-    from .stats import summarize_curves
+    from ..stats import summarize_curves
 
     mean, half = summarize_curves(curves)
     n = len(curves)

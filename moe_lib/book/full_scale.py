@@ -6,8 +6,8 @@ unstable router (chapter 6), whether sparse models overfit a small task (chapter
 advantage grows as tasks decorrelate (chapter 17). This module runs those experiments at a larger scale,
 with the *same library functions* the chapters call, and writes one JSON file per run::
 
-    python -m moe_lib.full_scale --list
-    python -m moe_lib.full_scale ch08 --set steps=2000 --set seeds=3    # writes full_scale/ch08_*.json
+    python -m moe_lib.book.full_scale --list
+    python -m moe_lib.book.full_scale ch08 --set steps=2000 --set seeds=3    # writes full_scale/ch08_*.json
 
 A results file is the unedited output of one run (as in ``benchmarks/``): a new run is a new file, never an
 edit. It carries its provenance (:data:`PROVENANCE_FIELDS`: the command, every parameter, the seeds, the
@@ -81,7 +81,7 @@ def register(experiment: Experiment) -> Experiment:
 def provenance(command: str, parameters: Mapping[str, Any], seeds: Sequence[int], wall_s: float,
                device: str = "cpu", scale: str = "full", git: Mapping[str, Any] | None = None) -> dict:
     """The :data:`PROVENANCE_FIELDS` of a run that has just finished (``scale``: "full", or "quick" for a
-    smoke run at the chapter's live size; ``git``: :func:`moe_lib.reproducibility.git_state` taken when the
+    smoke run at the chapter's live size; ``git``: :func:`moe_lib.book.reproducibility.git_state` taken when the
     run *started*, so a commit made while it ran is not recorded as its code)."""
     import numpy
 
@@ -149,7 +149,7 @@ def _folder(folder: str | Path | None) -> Path:
     """``folder``, or the book's committed ``full_scale/`` (found from any working directory)."""
     if folder is not None:
         return Path(folder)
-    from .utils import book_root
+    from ..utils import book_root
 
     try:
         return book_root() / DEFAULT_FOLDER
@@ -171,7 +171,7 @@ def latest(experiment: str, folder: str | Path | None = None) -> dict:
     found = [load(p) for p in files(folder, experiment)]
     if not found:
         raise FileNotFoundError(f"no full-scale results of {experiment!r} in {Path(folder).resolve()} "
-                                f"(run: python -m moe_lib.full_scale {experiment})")
+                                f"(run: python -m moe_lib.book.full_scale {experiment})")
     return max(found, key=lambda r: r["provenance"]["date"])
 
 
@@ -230,8 +230,8 @@ def lm_speedups(result: Mapping, reference: str = "dense") -> dict[str, list[flo
     Figure 4 right) from a results file of ``ch08``: per seed, the steps ``reference`` needs to reach its own
     final validation loss divided by the steps each model needs to reach it (interpolated between
     evaluations; ``nan`` where a model never does). The curves are handed to the chapter's own function."""
-    from .models.comparison import SeedRun, speedups
-    from .models.lm_training import LMHistory
+    from ..models.comparison import SeedRun, speedups
+    from ..models.lm_training import LMHistory
 
     steps = list(result["extra"]["eval_steps"])
     seeds = result["provenance"]["seeds"]
@@ -304,7 +304,7 @@ def run(key: str, overrides: Mapping[str, Any] | None = None, *, out: str | Path
     result = {
         "schema": SCHEMA, "experiment": key, "chapter": exp.chapter, "title": exp.title,
         "x_label": exp.x_label, "y_label": exp.y_label,
-        "provenance": provenance(command or f"python -m moe_lib.full_scale {key}", parameters, seeds, wall,
+        "provenance": provenance(command or f"python -m moe_lib.book.full_scale {key}", parameters, seeds, wall,
                                  parameters.get("device", "cpu"), "quick" if quick else "full", git),
         "curves": measured["curves"], "finals": measured["finals"], "extra": measured.get("extra", {}),
     }
@@ -324,7 +324,7 @@ def run(key: str, overrides: Mapping[str, Any] | None = None, *, out: str | Path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe_lib.full_scale", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m moe_lib.book.full_scale", description=__doc__.splitlines()[0])
     parser.add_argument("experiment", nargs="?", help="an experiment key (--list shows them)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="override one parameter (repeatable)")
@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--set needs NAME=VALUE with NAME one of {sorted(base)}, got {item!r}")
         overrides[name] = _coerce(name, text, base[name])
     torch.set_num_threads(args.threads)
-    command = "python -m moe_lib.full_scale " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m moe_lib.book.full_scale " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     path = run(args.experiment, overrides, out=args.out, command=command, quick=args.quick)
     result = load(path)
     print(f"{path}: {label(result)}")
@@ -363,8 +363,8 @@ def _lm_scaling(*, seed: int, seeds: int, steps: int, batch_size: int, seq_len: 
     (``moe_lib.models.lm_variants``), trained on the same batches per seed; validation loss against
     training FLOPs (3 × the counted forward FLOPs per token × the tokens seen)."""
     from .corpus import stdlib_corpus
-    from .models import TransformerLM, flops_per_token, lm_variants, parameter_counts
-    from .models.comparison import train_over_seeds
+    from ..models import TransformerLM, flops_per_token, lm_variants, parameter_counts
+    from ..models.comparison import train_over_seeds
 
     corpus = stdlib_corpus()
     configs = lm_variants(d_model=d_model, n_layers=n_layers, seq_len=seq_len, d_ff=d_ff,
@@ -457,9 +457,9 @@ def _finetune_overfit(*, seed: int, seeds: int, pretrain_steps: int, finetune_st
     sparse models overfit small tasks more). Curves: held-out loss against fine-tuning step (the training
     loss on the same steps in ``train``); finals: final and best held-out loss, final gap."""
     from .corpus import stdlib_corpus
-    from .models import TransformerLM, evaluate_lm, lm_variants, train_lm
-    from .practice import finetune_lm
-    from .utils import seed_everything
+    from ..models import TransformerLM, evaluate_lm, lm_variants, train_lm
+    from ..practice import finetune_lm
+    from ..utils import seed_everything
 
     general = stdlib_corpus()
     task = stdlib_corpus(["json/decoder.py", "json/encoder.py", "json/scanner.py"])
@@ -512,7 +512,7 @@ def _mmoe_correlation(*, seed: int, seeds: int, n_train: int, steps: int, correl
     width is chosen to match MMoE's parameter count (as the paper's 113 units did). Curves: relative test
     error against correlation per task draw; finals per (model, draw): the error at each correlation and the
     gap between the lowest and highest correlation."""
-    from .applications import MMoE, OMoE, SharedBottom, num_parameters, relative_error_run
+    from ..applications import MMoE, OMoE, SharedBottom, num_parameters, relative_error_run
 
     mmoe = lambda: MMoE(100, num_experts, expert_hidden, expert_hidden, tower_hidden)  # noqa: E731
     target = num_parameters(mmoe())

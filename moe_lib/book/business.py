@@ -5,7 +5,7 @@ The model of one decode step at batch ``B`` (per model replica, weights in ``byt
 * **memory** — all parameters must be resident: ``total_params · bytes_per_param`` (+ KV cache, ignored);
   the number of GPUs is the smallest that holds them at ``usable_memory_fraction``.
 * **bytes read per step** — the non-expert (shared) weights once, plus the experts touched by ``B``
-  tokens, ``E·(1 − (1 − k/E)^B)`` per MoE layer (:func:`moe_lib.serving.expected_experts_touched`).
+  tokens, ``E·(1 − (1 − k/E)^B)`` per MoE layer (:func:`moe_lib.book.serving.expected_experts_touched`).
 * **FLOPs per step** — ``2 · active_params · B``.
 * **step time** — ``max(bytes / (GPUs · bandwidth · bw_efficiency), FLOPs / (GPUs · peak · mfu))``
   (a roofline; communication between GPUs is ignored).
@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ._validate import check_int, check_positive_float
+from .._validate import check_int, check_positive_float
 from .serving import expected_experts_touched
 
 

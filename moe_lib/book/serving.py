@@ -22,8 +22,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._validate import check_int
-from .utils import book_file
+from .._validate import check_int
+from ..utils import book_file
 
 
 def expected_experts_touched(num_experts: int, top_k: int, batch: int | Tensor) -> float | Tensor:
@@ -74,7 +74,7 @@ def time_decode(layer: nn.Module, d_model: int, batch_sizes: Iterable[int], repe
     timed between device synchronisations. Wall-clock: tag notebook cells that print it
     ``nbval-ignore-output``.
     """
-    from .bench.timing import median_iqr, wall_times
+    from ..bench.timing import median_iqr, wall_times
 
     check_int("repeats", repeats, minimum=1)
     param = next(layer.parameters(), None)
@@ -189,9 +189,9 @@ def touched_experiment(seed: int, batch_sizes: Sequence[int], lm_config, trials:
     sampled batches. Returns ``{(routing, B): mean distinct experts}`` with routings ``"E=..,k=.."`` and
     ``"LM E=..,k=.."``.
     """
-    from .layer import MoELayer
-    from .models import TransformerLM
-    from .utils import seed_everything
+    from ..layer import MoELayer
+    from ..models import TransformerLM
+    from ..utils import seed_everything
 
     gen = seed_everything(seed)
     num_experts, top_k = big
@@ -220,8 +220,8 @@ def cache_experiment(seed: int, lm_config, prompt: Tensor, steps: int, capacitie
     rate}`` with traces ``"LM"`` and ``"random"``, and ``{(trace, "distinct per step"): mean number of
     distinct experts a step touches}``.
     """
-    from .models import TransformerLM
-    from .utils import seed_everything
+    from ..models import TransformerLM
+    from ..utils import seed_everything
 
     gen = seed_everything(seed)
     model = TransformerLM(lm_config).eval()

@@ -41,9 +41,9 @@ outputs, and says why.
 
 Use it for your own runs::
 
-    python -m moe_lib.reproducibility status          # is this machine inside the contract? is the profile on?
-    eval "$(python -m moe_lib.reproducibility env)"   # this shell under the profile
-    python -m moe_lib.reproducibility install-kernel  # the ``moe-book`` kernel, into sys.prefix
+    python -m moe_lib.book.reproducibility status          # is this machine inside the contract? is the profile on?
+    eval "$(python -m moe_lib.book.reproducibility env)"   # this shell under the profile
+    python -m moe_lib.book.reproducibility install-kernel  # the ``moe-book`` kernel, into sys.prefix
 
 The cost: one thread, MKL's slowest GEMM branch and AVX2 instead of AVX-512. Large fp32 GEMMs run about
 six times slower than MKL's native AVX-512 path, so the chapters that train Transformers take about twice
@@ -175,7 +175,7 @@ def git_state(paths: Sequence[str] = ()) -> dict[str, str | bool | None]:
     environment variable ``MOE_LIB_GIT_COMMIT`` supplies the commit; both are None when nothing does."""
     if os.environ.get("MOE_LIB_GIT_COMMIT"):
         return {"git_commit": os.environ["MOE_LIB_GIT_COMMIT"], "git_dirty": None}
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # moe_lib/book/ -> the checkout
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths],
@@ -281,7 +281,7 @@ def install_kernel(prefix: str | os.PathLike | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe_lib.reproducibility", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m moe_lib.book.reproducibility", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     inst = sub.add_parser("install-kernel", help="write the moe-book Jupyter kernel into a prefix")
     inst.add_argument("--prefix", default=sys.prefix, help="install prefix (default: %(default)s)")

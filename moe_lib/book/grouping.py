@@ -26,8 +26,8 @@ from typing import Callable
 
 from torch import Tensor
 
-from ._validate import check_choice, check_counts, check_int
-from .dispatch import max_tiles
+from .._validate import check_choice, check_counts, check_int
+from ..dispatch import max_tiles
 
 
 # --------------------------------------------------------------------------------------------------

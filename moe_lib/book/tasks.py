@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._validate import check_int, check_positive_float
-from .layer import MoELayer
-from .metrics import coefficient_of_variation, max_violation
+from .._validate import check_int, check_positive_float
+from ..layer import MoELayer
+from ..metrics import coefficient_of_variation, max_violation
 
 
 @dataclass
@@ -137,7 +137,7 @@ def evaluate_task(model: TaskModel, data: TaskData, *, use_token_ids: bool = Fal
 def domain_expert_counts(model: TaskModel, data: TaskData, num_domains: int) -> Tensor:
     """``[num_domains, E]``: how many examples of each domain have each expert as their highest-weight
     expert (evaluation mode) — the specialisation of the experts."""
-    from .metrics import specialisation
+    from ..metrics import specialisation
 
     with torch.no_grad():
         was_training = model.training
@@ -164,8 +164,8 @@ def train_and_evaluate(
     """Build a :class:`TaskModel` from ``seed``, train it with :func:`moe_lib.training.fit_classifier`
     and :func:`evaluate_task` it on ``test``. ``model_kwargs`` go to :class:`TaskModel` (and on to
     :class:`MoELayer`). Returns ``(model, history, metrics)``; the model is back on the CPU."""
-    from .training import fit_classifier
-    from .utils import seed_everything
+    from ..training import fit_classifier
+    from ..utils import seed_everything
 
     seed_everything(seed)
     num_classes = int(max(train.y.max(), test.y.max())) + 1
@@ -201,7 +201,7 @@ class SeedRuns:
 
     def curves(self, name: str = "max_violation"):
         """``[n_seeds, steps]`` float array of one per-step history field (``max_violation``,
-        ``max_logit``, ``train_loss``, ...): the input of :func:`moe_lib.plot.mean_band`."""
+        ``max_logit``, ``train_loss``, ...): the input of :func:`moe_lib.book.plot.mean_band`."""
         import numpy as np
 
         return np.asarray([getattr(h, name) for h in self.histories], dtype=float)
@@ -212,7 +212,7 @@ def train_over_seeds(train: TaskData, test: TaskData, *, seeds, keep_models: boo
     sequence of ints), same data, same ``kwargs``; the seed sets the initialisation, the batch order and the
     router noise. Returns a :class:`SeedRuns` whose metrics are summarised by
     :func:`moe_lib.stats.over_seeds` (mean ± 95 % t-interval)."""
-    from .stats import over_seeds
+    from ..stats import over_seeds
 
     if "seed" in kwargs:
         raise TypeError("train_over_seeds takes seeds=..., not seed=...")
@@ -243,7 +243,7 @@ def summary_table(results, metrics, *, reference: str | None = None, verdicts=No
     """
     import pandas as pd
 
-    from .stats import compare
+    from ..stats import compare
 
     labels = dict(metrics) if isinstance(metrics, dict) else {m: m for m in metrics}
     verdicts = dict(verdicts or {})

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._validate import check_int, check_nonnegative_float
+from .._validate import check_int, check_nonnegative_float
 
 #: Regimes of :func:`piecewise_regression`: ``(left edge, slope, intercept)`` of each linear piece on
 #: ``[-2, 2]``. Neighbouring pieces jump, so one smooth function fits them badly and one linear expert per
