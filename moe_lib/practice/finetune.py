@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import check_choice
-from ..experts import ACTIVATIONS, ExpertBank
+from ..experts import ExpertBank
 from ..layer import MoELayer
 
 PARAMETER_ROLES = ("router", "experts", "non_expert")
@@ -78,11 +78,15 @@ class DropoutExperts(ExpertBank):
     ST-MoE, Zoph et al. 2022, fig. 4).
 
     Wraps a ``swiglu``, ``glu`` or ``mlp`` bank **without copying it**: the wrapped bank's parameters are the
-    parameters (``self.bank``), so an optimiser keeps updating the same tensors. In evaluation mode the
-    output is exactly the wrapped bank's.
+    parameters (``self.bank``), so an optimiser keeps updating the same tensors. Every view runs the wrapped
+    bank's own formula with the dropout as its ``hidden_hook`` (:meth:`~moe_lib.experts.ExpertBank.forward_expert`),
+    so in evaluation mode the output is exactly the wrapped bank's.
     """
 
-    backends = ("loop", "torch")  # dropout inside the grouped and fused paths is not implemented
+    # the views that take a hidden_hook: forward_expert (loop), forward_blocks (torch) and forward_padded; the
+    # grouped_mm view takes one too but is not offered (its mask would be drawn over all rows at once, a different
+    # random stream from the loop's); the fused triton kernels have no hook
+    backends = ("loop", "torch")
 
     def __init__(self, bank: ExpertBank, p: float):
         kind = getattr(bank, "kind", None)
@@ -93,28 +97,17 @@ class DropoutExperts(ExpertBank):
         super().__init__(bank.num_experts, bank.d_model, bank.d_ff, bank.d_out)
         self.bank, self.p, self.kind = bank, float(p), kind
 
-    def _hidden(self, x: Tensor, e: int | None) -> Tensor:
-        b = self.bank
-        mm = (lambda w: x @ w[e]) if e is not None else (lambda w: torch.bmm(x, w))
-        if self.kind == "mlp":
-            bias = b.b1[e] if e is not None else b.b1.unsqueeze(1)
-            h = ACTIVATIONS[b.activation](mm(b.w1) + bias)
-        else:
-            act = ACTIVATIONS[getattr(b, "activation", "silu")]
-            h = act(mm(b.w_gate)) * mm(b.w_up)
+    def _drop(self, h: Tensor) -> Tensor:
         return nn.functional.dropout(h, self.p, self.training)
 
-    def _out(self, h: Tensor, e: int | None) -> Tensor:
-        b = self.bank
-        if self.kind == "mlp":
-            return (h @ b.w2[e] + b.b2[e]) if e is not None else torch.baddbmm(b.b2.unsqueeze(1), h, b.w2)
-        return h @ b.w_down[e] if e is not None else torch.bmm(h, b.w_down)
-
     def forward_expert(self, e: int, x: Tensor) -> Tensor:
-        return self._out(self._hidden(x, e), e)
+        return self.bank.forward_expert(e, x, hidden_hook=self._drop)
+
+    def forward_blocks(self, blocks) -> list[Tensor]:
+        return self.bank.forward_blocks(blocks, hidden_hook=self._drop)
 
     def forward_padded(self, x: Tensor) -> Tensor:
-        return self._out(self._hidden(x, None), None)
+        return self.bank.forward_padded(x, hidden_hook=self._drop)
 
     def flops_per_token(self) -> int:
         return self.bank.flops_per_token()
