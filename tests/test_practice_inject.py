@@ -10,13 +10,19 @@ state dict, the outputs and ``torch.get_rng_state()``.
 """
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 from moe_lib import MoELayer
 from moe_lib.experts import EXPERTS, ExpertBank, GLUExperts, LinearExperts, MLPExperts, SwiGLUExperts
-from moe_lib.practice import DropoutExperts, add_expert_dropout
+from moe_lib.models import LMConfig, TransformerLM
+from moe_lib.models.transformer import SwiGLU
+from moe_lib.practice import DropoutExperts, add_expert_dropout, merge_into_moe, upcycle, upcycle_ffn
+from moe_lib.routers import ROUTERS
 
 BANK_OPTIONS = {"linear": {}, "mlp": {"activation": "relu"}, "swiglu": {}, "glu": {"activation": "gelu"}}
 
@@ -166,3 +172,159 @@ def test_expert_dropout_in_a_layer_is_the_layer_in_eval_mode(backend):
     add_expert_dropout(layer, 0.5)
     assert torch.equal(layer.eval()(x), before)
     assert not torch.equal(layer.train()(x), before)
+
+
+# ------------------------------------------------------------------------------------ upcycling
+def _dense_ffn(seed=5, d_model=8, d_ff=16):
+    torch.manual_seed(seed)
+    return SwiGLU(d_model, d_ff)
+
+
+def _copy_ffn_into(bank, ffn, experts=None):
+    """The earlier code's way: overwrite a bank drawn by its constructor with the FFN's weights."""
+    with torch.no_grad():
+        for name, lin in (("w_gate", ffn.gate), ("w_up", ffn.up), ("w_down", ffn.down)):
+            w = getattr(bank, name)
+            for e in range(w.shape[0]) if experts is None else experts:
+                w[e].copy_(lin.weight.t())
+
+
+@pytest.mark.parametrize("top_k, kwargs", [(2, {}), (None, {"router": "switch", "capacity_factor": 1.5,
+                                                            "router_bias": True}),
+                                           (2, {"router": "noisy_topk", "backend": "loop"})])
+def test_upcycle_ffn_matches_the_layer_built_by_name_and_overwritten(top_k, kwargs):
+    ffn = _dense_ffn()
+    torch.manual_seed(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = MoELayer(8, 16, 4, top_k, **kwargs)
+    _copy_ffn_into(reference.experts, ffn)
+    rng = torch.get_rng_state()
+    torch.manual_seed(6)
+    layer = upcycle_ffn(ffn, 4, top_k, **kwargs)
+    assert torch.equal(torch.get_rng_state(), rng)
+    _same_state(layer, reference)
+    assert layer.router.name == reference.router.name and layer.capacity_factor == reference.capacity_factor
+    x = torch.randn(6, 8)
+    torch.manual_seed(7)
+    y = layer(x)
+    torch.manual_seed(7)
+    assert torch.equal(y, reference(x))
+    with torch.no_grad():  # the experts are copies: training the layer leaves the dense FFN alone
+        layer.experts.w_gate.add_(1.0)
+    assert torch.equal(ffn.gate.weight, _dense_ffn().gate.weight)
+
+
+def test_upcycle_ffn_takes_a_ready_router_and_refuses_other_expert_kinds():
+    ffn = _dense_ffn()
+    router = ROUTERS["topk"](8, 4, 1)
+    assert upcycle_ffn(ffn, 4, router=router).router is router
+    with pytest.raises(ValueError, match="expert must be 'swiglu' to copy a SwiGLU FFN, got 'mlp'"):
+        upcycle_ffn(ffn, 4, expert="mlp")
+
+
+CFG = LMConfig(vocab_size=32, seq_len=8, d_model=16, n_layers=2, n_heads=2, d_ff=24, ffn="dense")
+
+
+def _upcycle_by_overwriting(dense, num_experts, top_k, router="topk", router_std=0.02, **overrides):
+    """The earlier ``upcycle``: build the MoE LM by its config, then per block draw a spare upcycled layer, copy
+    its experts in and re-initialise the router."""
+    cfg = dataclasses.replace(dense.cfg, ffn="moe", num_experts=num_experts, top_k=top_k, router=router,
+                              num_shared=0, name=f"upcycled {dense.cfg.name}".strip(), **overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        moe = TransformerLM(cfg)
+    moe.load_state_dict({k: v for k, v in dense.state_dict().items() if ".ffn." not in k}, strict=False)
+    for block_d, block_m in zip(dense.blocks, moe.blocks):
+        spare = MoELayer(cfg.d_model, cfg.d_ff, num_experts)  # draws a router and an expert init
+        _copy_ffn_into(spare.experts, block_d.ffn)
+        block_m.ffn.moe.experts.load_state_dict(spare.experts.state_dict())
+        nn.init.normal_(block_m.ffn.moe.router.gate.weight, std=router_std)
+    return moe
+
+
+@pytest.mark.parametrize("args, kwargs", [((4, 2), {}),
+                                          ((3, 1), {"router": "switch", "moe_options": {"capacity_factor": 1.25},
+                                                    "router_std": 0.1, "aux_loss_coef": 0.0})])
+def test_upcycle_matches_the_model_built_by_config_and_overwritten(args, kwargs):
+    torch.manual_seed(8)
+    dense = TransformerLM(CFG)
+    torch.manual_seed(9)
+    reference = _upcycle_by_overwriting(dense, *args, **kwargs)
+    rng = torch.get_rng_state()
+    torch.manual_seed(9)
+    moe = upcycle(dense, *args, **kwargs)
+    assert torch.equal(torch.get_rng_state(), rng)
+    _same_state(moe, reference)
+    assert [m.training for m in moe.modules()] == [m.training for m in reference.modules()]
+    for layer, ref in zip(moe.moe_layers(), reference.moe_layers()):
+        assert type(layer.router) is type(ref.router) and layer.capacity_factor == ref.capacity_factor
+        assert (layer.aux_loss_coef, layer.z_loss_coef, layer.backend) == (ref.aux_loss_coef, ref.z_loss_coef,
+                                                                          ref.backend)
+    idx = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(10))
+    assert torch.equal(moe.eval()(idx), reference.eval()(idx))
+
+
+# ------------------------------------------------------------------------------------ merging
+def _merge_by_overwriting(models, gates, top_k=1):
+    """The earlier ``merge_into_moe`` for TransformerLMs: build the merged model, overwrite experts and gates."""
+    cfg = dataclasses.replace(models[0].cfg, ffn="moe", num_experts=len(models), top_k=top_k, router="topk",
+                              num_shared=0, name="merged")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = TransformerLM(cfg)
+    states = [m.state_dict() for m in models]
+    merged.load_state_dict({k: torch.stack([s[k] for s in states]).mean(0) for k in states[0] if ".ffn." not in k},
+                           strict=False)
+    with torch.no_grad():
+        for layer, block in enumerate(merged.blocks):
+            for e, source in enumerate(models):
+                _copy_ffn_into(block.ffn.moe.experts, source.blocks[layer].ffn, experts=[e])
+            block.ffn.moe.router.gate.weight.copy_(gates[layer])
+    return merged.eval()
+
+
+def test_merge_into_moe_matches_the_model_built_by_config_and_overwritten():
+    torch.manual_seed(11)
+    sources = [TransformerLM(CFG) for _ in range(3)]
+    gates = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(12))
+    torch.manual_seed(13)
+    reference = _merge_by_overwriting(sources, gates, top_k=2)
+    rng = torch.get_rng_state()
+    torch.manual_seed(13)
+    merged = merge_into_moe(sources, gates, top_k=2)
+    assert torch.equal(torch.get_rng_state(), rng)
+    _same_state(merged, reference)
+    assert not merged.training and all(not m.training for m in merged.modules())
+    idx = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(14))
+    assert torch.equal(merged(idx), reference(idx))
+    layer = merged.blocks[1].ffn.moe
+    assert torch.equal(layer.router.gate.weight, gates[1])
+    assert layer.experts.w_up.data_ptr() != sources[0].blocks[1].ffn.up.weight.data_ptr()
+
+
+def test_merge_into_moe_of_task_models_keeps_each_source_expert_and_its_activation():
+    from moe_lib.practice.merge import TaskModel  # wherever the book keeps it, merge uses this class
+
+    torch.manual_seed(15)
+    sources = [TaskModel(5, 3, d_model=8, d_ff=12, num_experts=1, router="dense", expert="mlp", activation="relu")
+               for _ in range(2)]
+    gates = torch.randn(2, 8, generator=torch.Generator().manual_seed(16))
+    torch.manual_seed(17)
+    TaskModel(5, 3, d_model=8, d_ff=12, num_experts=2, router="topk", top_k=1, expert="mlp")  # what merging builds
+    after_constructor = torch.get_rng_state()
+    torch.manual_seed(17)
+    merged = merge_into_moe(sources, gates)
+    assert torch.equal(torch.get_rng_state(), after_constructor)  # no draw beyond the model's constructor
+    bank = merged.moe.experts
+    assert bank.activation == "relu" and bank.num_experts == 2
+    for e, source in enumerate(sources):
+        for name in bank.stacked:
+            assert torch.equal(getattr(bank, name)[e], getattr(source.moe.experts, name)[0])
+    assert torch.equal(merged.moe.router.gate.weight, gates)
+    h = merged.norm1(merged.embed(torch.randn(4, 5)))
+    for e, source in enumerate(sources):  # expert e computes source e's FFN
+        assert torch.equal(bank.forward_expert(e, h), source.moe.experts.forward_expert(0, h))
+    with pytest.raises(ValueError, match=r"one kind and activation, got \['mlp \(gelu\)', 'mlp \(relu\)'\]"):
+        merge_into_moe([sources[0], TaskModel(5, 3, d_model=8, d_ff=12, num_experts=1, router="dense",
+                                              expert="mlp")], gates)

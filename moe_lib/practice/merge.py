@@ -13,7 +13,7 @@ when the sources were fine-tuned with their non-FFN parameters frozen, that mean
 merged model routed entirely to expert ``i`` computes exactly source model ``i`` (tested).
 
 Source models can be dense :class:`~moe_lib.models.TransformerLM` (every block's FFN becomes an expert
-bank) or single-expert :class:`~moe_lib.tasks.TaskModel` (``num_experts=1``; its one expert becomes one of
+bank) or single-expert :class:`~moe_lib.book.tasks.TaskModel` (``num_experts=1``; its one expert becomes one of
 ``E``): the SegMoE analogue on a non-language model.
 """
 from __future__ import annotations
@@ -26,9 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import check_int
+from ..experts import ExpertBank
 from ..layer import MoELayer
 from ..models.transformer import TransformerLM
-from ..tasks import TaskModel
+from .upcycle import _experts_from_ffns, _rebuilt_layer
+from ..book.tasks import TaskModel
 
 
 def _ffn_slots(model: nn.Module) -> list[nn.Module]:
@@ -36,7 +38,7 @@ def _ffn_slots(model: nn.Module) -> list[nn.Module]:
         return [block.ffn for block in model.blocks]
     if isinstance(model, TaskModel):
         return [model.moe]
-    raise TypeError(f"model must be a moe_lib.models.TransformerLM or a moe_lib.tasks.TaskModel, got {type(model).__name__}")
+    raise TypeError(f"model must be a moe_lib.models.TransformerLM or a moe_lib.book.tasks.TaskModel, got {type(model).__name__}")
 
 
 @torch.no_grad()
@@ -86,7 +88,7 @@ def merge_into_moe(models: Sequence[nn.Module], gate_vectors, *, top_k: int = 1,
 
     Args:
         models: ``E ≥ 2`` dense :class:`~moe_lib.models.TransformerLM` with equal configs, or ``E``
-            :class:`~moe_lib.tasks.TaskModel` with ``num_experts=1`` and equal sizes.
+            :class:`~moe_lib.book.tasks.TaskModel` with ``num_experts=1`` and equal sizes.
         gate_vectors: ``[E, d_model]`` (one MoE layer, or the same gates at every layer) or
             ``[n_layers, E, d_model]`` — typically :func:`gate_vectors_from_hidden` of :func:`ffn_inputs`.
             They become the router's gate weights: ``logits = x · g_iᵀ``.
@@ -132,22 +134,35 @@ def merge_into_moe(models: Sequence[nn.Module], gate_vectors, *, top_k: int = 1,
     merged = merged.to(first_param_device(first))
     state = _mean_state([base] if base is not None else models, skip)
     merged.load_state_dict(state, strict=False)
-    with torch.no_grad():
-        for layer_index, slot in enumerate(_ffn_slots(merged)):
-            moe: MoELayer = slot.moe if not isinstance(slot, MoELayer) else slot
-            for e, source in enumerate(models):
-                src = _ffn_slots(source)[layer_index]
-                if isinstance(src, MoELayer):  # single-expert bank: same parameter names, index 0
-                    for name, p in moe.experts.named_parameters():
-                        p[e].copy_(dict(src.experts.named_parameters())[name][0])
-                else:  # SwiGLU FFN: nn.Linear [out, in] -> bank [E, in, out]
-                    moe.experts.w_gate[e].copy_(src.gate.weight.t())
-                    moe.experts.w_up[e].copy_(src.up.weight.t())
-                    moe.experts.w_down[e].copy_(src.down.weight.t())
-            moe.router.gate.weight.copy_(gates[layer_index])
-            if moe.router.gate.bias is not None:
-                moe.router.gate.bias.zero_()
+    for layer_index, slot in enumerate(_ffn_slots(merged)):
+        built: MoELayer = slot.moe if not isinstance(slot, MoELayer) else slot  # the config's layer
+        experts = _merged_experts([_ffn_slots(source)[layer_index] for source in models])
+        like = next(built.experts.parameters())
+        router = built.router  # the config's router, given the gate vectors before it is injected
+        with torch.no_grad():
+            router.gate.weight.copy_(gates[layer_index])
+            if router.gate.bias is not None:
+                router.gate.bias.zero_()
+        layer = _rebuilt_layer(built, router=router, experts=experts.to(device=like.device, dtype=like.dtype))
+        if isinstance(slot, MoELayer):
+            merged.moe = layer
+        else:
+            slot.moe = layer
     return merged.eval()
+
+
+def _merged_experts(sources: Sequence[nn.Module]) -> ExpertBank:
+    """The bank whose expert ``i`` is source ``i``'s FFN: a dense SwiGLU FFN, or a single-expert
+    :class:`~moe_lib.MoELayer` (its bank's expert 0, any kind), built from their weights."""
+    if not isinstance(sources[0], MoELayer):
+        return _experts_from_ffns(sources)
+    banks = [s.experts for s in sources]
+    kinds = sorted({f"{b.kind} ({b.activation})" if "activation" in vars(b) else b.kind for b in banks})
+    if len(kinds) != 1:
+        raise ValueError(f"the sources' experts must all be of one kind and activation, got {kinds}")
+    cls = type(banks[0])
+    options = {"activation": banks[0].activation} if "activation" in vars(banks[0]) else {}
+    return cls.from_weights(*(torch.cat([getattr(b, name) for b in banks]) for name in cls.stacked), **options)
 
 
 def first_param_device(model: nn.Module) -> torch.device:
@@ -155,13 +170,13 @@ def first_param_device(model: nn.Module) -> torch.device:
 
 
 def domain_subset(data, domains: Sequence[int]):
-    """The examples of a :class:`~moe_lib.tasks.TaskData` whose domain is in ``domains`` (in their order in
+    """The examples of a :class:`~moe_lib.book.tasks.TaskData` whose domain is in ``domains`` (in their order in
     ``data``): the training set of a source model fine-tuned on a group of domains, or the test set of one
     group."""
-    from ..tasks import TaskData
+    from ..book.tasks import TaskData
 
     if not isinstance(data, TaskData):
-        raise TypeError(f"data must be a moe_lib.tasks.TaskData, got {type(data).__name__}")
+        raise TypeError(f"data must be a moe_lib.book.tasks.TaskData, got {type(data).__name__}")
     if isinstance(domains, (int, str)) or len(domains) == 0:
         raise ValueError(f"domains must be a non-empty sequence of domain ids, got {domains!r}")
     keep = torch.isin(data.domain, torch.as_tensor(list(domains), dtype=data.domain.dtype, device=data.domain.device))
@@ -180,7 +195,7 @@ def merge_finetunes(base: TransformerLM, domains: dict, *, steps: int = 60, batc
     ``{"base", "<domain> fine-tune" for each domain, "merged (base non-FFN)", "merged (mean non-FFN)"}`` →
     model: the two merges keep the base's or the sources' element-wise mean non-FFN parameters.
     """
-    from ..corpus import fixed_windows
+    from ..book.corpus import fixed_windows
     from ..utils import seed_everything
     from .finetune import finetune_lm
 
@@ -201,7 +216,7 @@ def merge_finetunes(base: TransformerLM, domains: dict, *, steps: int = 60, batc
 
 def merge_task_experts(train, groups: Sequence[Sequence[int]], make_model, *, steps: int = 300, lr: float = 3e-3,
                        seed: int = 0) -> dict:
-    """The SegMoE analogue on a :class:`~moe_lib.tasks.TaskModel`, for one seed: train a single-expert
+    """The SegMoE analogue on a :class:`~moe_lib.book.tasks.TaskModel`, for one seed: train a single-expert
     ``base = make_model()`` on all of ``train``; fine-tune a copy on each group of domains with only its FFN
     trainable (:func:`~moe_lib.practice.freeze_roles`), so the sources share everything else; merge their
     FFNs into one top-1 MoE whose gates are each group's mean hidden state in ``base``.

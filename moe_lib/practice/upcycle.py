@@ -9,38 +9,66 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .._validate import check_int
+from ..experts import ExpertBank, SwiGLUExperts
 from ..layer import MoELayer
 from ..models.transformer import SwiGLU, TransformerLM
+from ..routers import Router
+
+
+def _experts_from_ffns(ffns: Sequence[SwiGLU], dtype: torch.dtype | None = None) -> SwiGLUExperts:
+    """A SwiGLU expert bank whose expert ``e`` is the dense FFN ``ffns[e]`` (built with
+    :meth:`~moe_lib.experts.ExpertBank.from_weights`: copies, no random init; ``nn.Linear`` stores
+    ``[out, in]``, the bank ``[E, in, out]``), in the FFNs' dtype unless ``dtype`` is given."""
+    stacked = [torch.stack([getattr(f, name).weight.t() for f in ffns]).to(dtype=dtype)
+               for name in ("gate", "up", "down")]
+    return SwiGLUExperts.from_weights(*stacked)
+
+
+def _rebuilt_layer(layer: MoELayer, *, router: Router | None = None, experts: ExpertBank | None = None) -> MoELayer:
+    """A new :class:`~moe_lib.MoELayer` made of ``layer``'s parts — its router, dispatcher, backend and
+    loss weights — with ``router`` and/or ``experts`` in place of its own (injected, not copied into).
+
+    How a layer that a model built from its config (a :class:`~moe_lib.models.TransformerLM`'s
+    ``block.ffn.moe``, a :class:`~moe_lib.book.tasks.TaskModel`'s ``moe``) gets new experts: assign the result in
+    its place. The new layer has ``layer``'s train/eval mode."""
+    new = MoELayer(layer.d_model, layer.d_ff, layer.num_experts, router=layer.router if router is None else router,
+                   expert=layer.experts if experts is None else experts, dispatcher=layer.dispatcher,
+                   backend=layer.backend, aux_loss_coef=layer.aux_loss_coef, z_loss_coef=layer.z_loss_coef,
+                   importance_loss_coef=layer.importance_loss_coef, load_loss_coef=layer.load_loss_coef)
+    return new.train(layer.training)
 
 
 def upcycle_ffn(ffn: SwiGLU, num_experts: int, top_k: int | None = None, *, router: str = "topk",
                 **moe_kwargs) -> MoELayer:
     """A :class:`~moe_lib.MoELayer` of ``num_experts`` SwiGLU experts, each a copy of ``ffn``, with a new
-    router (``router``, ``top_k`` and ``moe_kwargs`` as for :class:`~moe_lib.MoELayer`).
+    router (``router``, ``top_k`` and ``moe_kwargs`` as for :class:`~moe_lib.MoELayer`; ``router`` may be a
+    ready-made :class:`~moe_lib.routers.Router`). The experts are a bank built from ``ffn``'s weights
+    repeated (:meth:`~moe_lib.experts.ExpertBank.from_weights`), handed to the layer as its expert bank.
 
     Raises:
         TypeError: ``ffn`` is not a :class:`~moe_lib.models.SwiGLU`.
+        ValueError: ``moe_kwargs`` asks for an expert kind other than ``"swiglu"``.
     """
     if not isinstance(ffn, SwiGLU):
         raise TypeError(f"ffn must be a moe_lib.models.SwiGLU (a dense SwiGLU FFN), got {type(ffn).__name__}")
     num_experts = check_int("num_experts", num_experts, minimum=1)
     d_model, d_ff = ffn.gate.in_features, ffn.gate.out_features
-    moe_kwargs.setdefault("expert", "swiglu")
-    if moe_kwargs["expert"] != "swiglu":
-        raise ValueError(f"expert must be 'swiglu' to copy a SwiGLU FFN, got {moe_kwargs['expert']!r}")
+    expert = moe_kwargs.pop("expert", "swiglu")
+    if expert != "swiglu":
+        raise ValueError(f"expert must be 'swiglu' to copy a SwiGLU FFN, got {expert!r}")
+    experts = _experts_from_ffns([ffn] * num_experts, dtype=torch.get_default_dtype())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # top_k=1 with renormalised weights: every weight is 1 (see TopKRouter)
-        layer = MoELayer(d_model, d_ff, num_experts, top_k, router=router, **moe_kwargs)
-    with torch.no_grad():
-        # nn.Linear stores [out, in]; the expert bank stores [E, in, out]
-        layer.experts.w_gate.copy_(ffn.gate.weight.t().expand(num_experts, -1, -1))
-        layer.experts.w_up.copy_(ffn.up.weight.t().expand(num_experts, -1, -1))
-        layer.experts.w_down.copy_(ffn.down.weight.t().expand(num_experts, -1, -1))
+        layer = MoELayer(d_model, d_ff, num_experts, top_k, router=router, expert=experts, **moe_kwargs)
+    # the experts used to be drawn here (after the router) and overwritten: keeps the seeded RNG stream of
+    # earlier releases, so every seeded result after an upcycling (the book's chapter 16) stays where it was
+    experts.consume_init_draws()
     return layer.to(ffn.gate.weight.device)
 
 
@@ -52,7 +80,9 @@ def upcycle(dense: TransformerLM, num_experts: int = 8, top_k: int = 2, *, route
 
     ``config_overrides`` change other :class:`~moe_lib.models.LMConfig` fields of the MoE (``aux_loss_coef``,
     ``z_loss_coef``, ``moe_options``, ``name``). Returns a new model on the dense model's device; the dense
-    model is not modified.
+    model is not modified. Each MoE layer is built from parts: the config's router (initialised before it is
+    injected), dispatcher and options, and a bank of the dense FFN's copies
+    (:meth:`~moe_lib.experts.ExpertBank.from_weights`).
 
     Raises:
         TypeError: ``dense`` is not a TransformerLM. ValueError: ``dense`` is not dense (``cfg.ffn != "dense"``).
@@ -73,11 +103,16 @@ def upcycle(dense: TransformerLM, num_experts: int = 8, top_k: int = 2, *, route
     state = {k: v for k, v in dense.state_dict().items() if ".ffn." not in k}
     missing, _ = moe.load_state_dict(state, strict=False)
     assert all(".ffn." in k for k in missing), missing
-    with torch.no_grad():
-        for block_d, block_m in zip(dense.blocks, moe.blocks):
-            up = upcycle_ffn(block_d.ffn, num_experts)
-            block_m.ffn.moe.experts.load_state_dict(up.experts.state_dict())
-            nn.init.normal_(block_m.ffn.moe.router.gate.weight, std=router_std)
+    for block_d, block_m in zip(dense.blocks, moe.blocks):
+        built = block_m.ffn.moe  # the config's layer: its router, dispatcher and options are kept
+        experts = _experts_from_ffns([block_d.ffn] * num_experts, dtype=built.experts.w_gate.dtype)
+        # earlier releases drew a spare router's gate and the experts' init here (upcycle_ffn's), then
+        # overwrote them: the same draws keep the seeded RNG stream, so the book's chapter 16 does not move
+        torch.empty(num_experts, cfg.d_model).uniform_()
+        experts.consume_init_draws()
+        with torch.no_grad():
+            nn.init.normal_(built.router.gate.weight, std=router_std)  # the new router's init, before injection
+        block_m.ffn.moe = _rebuilt_layer(built, experts=experts)
     return moe
 
 
