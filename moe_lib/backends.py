@@ -86,28 +86,22 @@ def grouped_mm_backend(experts: ExpertBank, x: Tensor, plan: DispatchPlan) -> Te
     return combine(expert_out, plan, x.shape[0])
 
 
-TRITON_EXPERTS = ("swiglu", "glu")
-
-
 def triton_backend(experts: ExpertBank, x: Tensor, plan: DispatchPlan) -> Tensor:
-    """The fused Triton path (:func:`moe_lib.kernels.expert_ffn`) on the plan's grouped rows.
+    """The fused Triton path (:func:`moe_lib.kernels.expert_ffn`) on the plan's grouped rows: the plan (made
+    in PyTorch, with any capacity drops) becomes the kernels' metadata (:func:`moe_lib.kernels.metadata_from_plan`).
+    For the path that groups the rows on the device too, see :class:`moe_lib.kernels.KernelDispatcher`.
 
     The kernels read the gate and up weights interleaved by column (one wide GEMM). For inference (no
     gradient needed) the interleaved copy is made once and cached on the parameters' identity, storage and
     ``_version`` (:func:`moe_lib.kernels.gate_up_operand`); in training it is made per call through
     autograd, which costs ``4·E·d·f`` elements of traffic each way (see :func:`~moe_lib.kernels.expert_ffn`)."""
     from . import kernels
+    from .kernels.parts import run_bank
 
-    if experts.kind not in TRITON_EXPERTS or experts.d_out is None:
-        raise ValueError(f"backend='triton' supports expert kinds {TRITON_EXPERTS} (gated FFNs without biases), "
-                         f"got expert={experts.kind!r}; use backend='torch' or 'grouped_mm'")
     meta = kernels.metadata_from_plan(plan)
     weights = x.new_zeros(meta.num_tokens * meta.top_k, dtype=torch.float32)
     weights = weights.index_put((meta.row_assignment.long(),), plan.weights.float())
-    activation = getattr(experts, "activation", "silu")
-    w_gu = kernels.gate_up_operand(experts.w_gate, experts.w_up, dtype=x.dtype)
-    return kernels.expert_ffn(x, weights.view(meta.num_tokens, meta.top_k), meta, w_gu, None,
-                              experts.w_down.to(x.dtype), activation)
+    return run_bank(experts, x, weights.view(meta.num_tokens, meta.top_k), meta)
 
 
 #: Backend name -> function ``(experts, x [T, d], plan) -> y [T, d_out]``.
