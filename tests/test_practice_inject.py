@@ -11,6 +11,7 @@ state dict, the outputs and ``torch.get_rng_state()``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 
 import pytest
@@ -328,3 +329,50 @@ def test_merge_into_moe_of_task_models_keeps_each_source_expert_and_its_activati
     with pytest.raises(ValueError, match=r"one kind and activation, got \['mlp \(gelu\)', 'mlp \(relu\)'\]"):
         merge_into_moe([sources[0], TaskModel(5, 3, d_model=8, d_ff=12, num_experts=1, router="dense",
                                               expert="mlp")], gates)
+
+
+# ------------------------------------------------------------------------------------ Hugging Face blocks
+def _constructor_draws(family, block):
+    """What the earlier converter drew: the routed bank, the router (built by name), the shared bank and the
+    shared expert's gate, each by its constructor."""
+    if family == "switch_transformers":
+        num_experts, d_model = block.router.classifier.weight.shape
+        MLPExperts(num_experts, d_model, block.experts["expert_0"].wi.weight.shape[0])
+        ROUTERS["group_capacity"](d_model, num_experts, 1)
+        return
+    num_experts, d_model = block.gate.weight.shape
+    experts = block.experts
+    d_ff = experts.down_proj.shape[-1] if experts.down_proj.shape[1] == d_model else experts.down_proj.shape[1]
+    SwiGLUExperts(num_experts, d_model, d_ff)
+    ROUTERS["topk"](d_model, num_experts, 1)
+    shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
+    if shared is not None:
+        SwiGLUExperts(1, d_model, shared.gate_proj.weight.shape[0])
+        if getattr(block, "shared_expert_gate", None) is not None:
+            nn.Linear(d_model, 1, bias=block.shared_expert_gate.bias is not None)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "switch_transformers"])
+def test_from_transformers_draws_what_the_constructors_drew_and_copies_the_weights(family):
+    pytest.importorskip("transformers")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from moe_lib.interop import from_transformers, random_block
+
+    block = random_block(family, seed=1)
+    torch.manual_seed(18)
+    _constructor_draws(family, block)
+    rng = torch.get_rng_state()
+    torch.manual_seed(18)
+    converted = from_transformers(block)
+    assert torch.equal(torch.get_rng_state(), rng)
+    moe = converted.moe
+    if family == "switch_transformers":
+        assert torch.equal(moe.router.gate.weight, block.router.classifier.weight)
+        assert torch.equal(moe.experts.w1[3], block.experts["expert_3"].wi.weight.t())
+        assert not moe.experts.b1.any() and moe.router.expert_capacity == block.router.expert_capacity
+    else:
+        assert torch.equal(moe.router.gate.weight, block.gate.weight)
+        if family == "deepseek_v3":
+            assert torch.equal(moe.router.score_bias, block.gate.e_score_correction_bias)
+            assert (moe.router.n_group, moe.router.topk_group, moe.router.scaling_factor) == (4, 2, 2.5)
+    assert moe.aux_loss_coef == 0.0

@@ -211,13 +211,9 @@ def _gated_expert_weights(experts: nn.Module, d_model: int) -> tuple[Tensor, Ten
 
 
 def _gated_bank(w_gate: Tensor, w_up: Tensor, w_down: Tensor, activation: str) -> SwiGLUExperts:
-    num_experts, d_model, d_ff = w_gate.shape
-    bank = (SwiGLUExperts(num_experts, d_model, d_ff) if activation == "silu"
-            else GLUExperts(num_experts, d_model, d_ff, activation=activation))
-    with torch.no_grad():
-        bank.w_gate.copy_(w_gate)
-        bank.w_up.copy_(w_up)
-        bank.w_down.copy_(w_down)
+    options = {} if activation == "silu" else {"activation": activation}
+    bank = (SwiGLUExperts if activation == "silu" else GLUExperts).from_weights(w_gate, w_up, w_down, **options)
+    bank.consume_init_draws()  # keeps the seeded RNG stream of earlier releases, which drew an init here
     return bank
 
 
@@ -284,25 +280,26 @@ def _convert_gated(block: nn.Module, family: str, backend: str) -> ConvertedMoEB
         raise TypeError(f"router has {num_experts} experts but the expert weights hold {w_gate.shape[0]}")
     top_k = int(_attr(gate, "top_k", default=_attr(block, "top_k", "num_experts_per_tok")))
     normalize = bool(_attr(gate, "norm_topk_prob", default=_attr(block, "norm_topk_prob", default=True)))
-    kwargs: dict = {"router": "topk", "normalize_weights": normalize}
+    from ..routers import ROUTERS
+
+    experts = _gated_bank(w_gate, w_up, w_down, activation)
+    has_bias = getattr(gate, "bias", None) is not None
     if family == "deepseek_v3":
-        kwargs = {
-            "router": "group_limited", "normalize_weights": normalize,
-            "router_options": {
-                "score": "sigmoid",
-                "n_group": int(_attr(gate, "num_group", "n_group")),
-                "topk_group": int(gate.topk_group),
-                "scaling_factor": float(gate.routed_scaling_factor),
-            },
-        }
-    moe = MoELayer(d_model, w_gate.shape[2], num_experts, top_k, expert=_gated_bank(w_gate, w_up, w_down, activation),
-                   backend=backend, router_bias=getattr(gate, "bias", None) is not None, aux_loss_coef=0.0, **kwargs)
-    with torch.no_grad():  # the router is built by name (its options above), then given the block's weights
-        moe.router.gate.weight.copy_(router_weight)
-        if getattr(gate, "bias", None) is not None:
-            moe.router.gate.bias.copy_(gate.bias)
+        router = ROUTERS["group_limited"](d_model, num_experts, top_k, bias=has_bias, normalize=normalize,
+                                          score="sigmoid", n_group=int(_attr(gate, "num_group", "n_group")),
+                                          topk_group=int(gate.topk_group),
+                                          scaling_factor=float(gate.routed_scaling_factor))
+    else:
+        router = ROUTERS["topk"](d_model, num_experts, top_k, bias=has_bias, normalize=normalize)
+    router.to(router_weight.dtype)
+    with torch.no_grad():  # the new router takes the block's weights before it is injected
+        router.gate.weight.copy_(router_weight)
+        if has_bias:
+            router.gate.bias.copy_(gate.bias)
         if family == "deepseek_v3":
-            moe.router.score_bias.copy_(gate.e_score_correction_bias)
+            router.score_bias.copy_(gate.e_score_correction_bias)
+    moe = MoELayer(d_model, w_gate.shape[2], num_experts, router=router, expert=experts, backend=backend,
+                   aux_loss_coef=0.0)
     shared = _shared_bank(_attr(block, "shared_expert", "shared_experts"))
     shared_gate = None
     if shared is not None and getattr(block, "shared_expert_gate", None) is not None:
@@ -313,30 +310,29 @@ def _convert_gated(block: nn.Module, family: str, backend: str) -> ConvertedMoEB
 
 
 def _convert_switch(block: nn.Module, backend: str) -> ConvertedMoEBlock:
-    router = block.router
-    classifier = router.classifier
+    from ..routers import ROUTERS
+
+    classifier = block.router.classifier
     num_experts, d_model = classifier.weight.shape
-    experts = [block.experts[f"expert_{e}"] for e in range(num_experts)]
-    d_ff = experts[0].wi.weight.shape[0]
-    activation = _activation_name(experts[0].act)
-    dtype = getattr(router, "dtype", torch.float32)
+    mlps = [block.experts[f"expert_{e}"] for e in range(num_experts)]
+    d_ff = mlps[0].wi.weight.shape[0]
+    activation = _activation_name(mlps[0].act)
+    dtype = getattr(block.router, "dtype", torch.float32)
     router_dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype)
     if router_dtype is None:
         raise ValueError(f"Switch router_dtype {dtype} has no moe_lib equivalent; accepted: float32, bfloat16")
-    capacity = router.expert_capacity
-    bank = MLPExperts(num_experts, d_model, d_ff, activation=activation)
-    with torch.no_grad():
-        bank.w1.copy_(torch.stack([m.wi.weight.t() for m in experts]))
-        bank.w2.copy_(torch.stack([m.wo.weight.t() for m in experts]))
-        bank.b1.zero_()
-        bank.b2.zero_()
-    moe = MoELayer(d_model, d_ff, num_experts, 1, router="group_capacity", expert=bank, backend=backend,
-                   router_bias=classifier.bias is not None, router_dtype=router_dtype, aux_loss_coef=0.0,
-                   router_options={"expert_capacity": int(capacity)})
-    with torch.no_grad():
-        moe.router.gate.weight.copy_(classifier.weight)
+    w1, w2 = torch.stack([m.wi.weight.t() for m in mlps]), torch.stack([m.wo.weight.t() for m in mlps])
+    experts = MLPExperts.from_weights(w1, w1.new_zeros(num_experts, d_ff), w2, w2.new_zeros(num_experts, d_model),
+                                      activation=activation)
+    experts.consume_init_draws()  # keeps the seeded RNG stream of earlier releases, which drew an init here
+    router = ROUTERS["group_capacity"](d_model, num_experts, 1, bias=classifier.bias is not None,
+                                       router_dtype=router_dtype, expert_capacity=int(block.router.expert_capacity))
+    router.to(classifier.weight.dtype)
+    with torch.no_grad():  # the new router takes the block's weights before it is injected
+        router.gate.weight.copy_(classifier.weight)
         if classifier.bias is not None:
-            moe.router.gate.bias.copy_(classifier.bias)
+            router.gate.bias.copy_(classifier.bias)
+    moe = MoELayer(d_model, d_ff, num_experts, router=router, expert=experts, backend=backend, aux_loss_coef=0.0)
     return ConvertedMoEBlock("switch_transformers", moe)
 
 
@@ -480,7 +476,7 @@ def time_implementations(block: nn.Module, hidden_states: Tensor, backends=("loo
     With ``quartiles=True`` each row also holds ``q1_ms`` and ``q3_ms``, the first and third quartiles of
     the ``repeats`` calls (their difference is the interquartile range, the spread to show beside a median).
     """
-    from ..grouping import median_iqr, wall_times
+    from ..bench.timing import median_iqr, wall_times
 
     last: list[float] = []                      # the samples of the latest timed() call
 

@@ -29,8 +29,8 @@ from .._validate import check_int
 from ..experts import ExpertBank
 from ..layer import MoELayer
 from ..models.transformer import TransformerLM
-from .upcycle import _experts_from_ffns, _rebuilt_layer
 from ..book.tasks import TaskModel
+from .upcycle import _experts_from_ffns, _rebuilt_layer
 
 
 def _ffn_slots(model: nn.Module) -> list[nn.Module]:
