@@ -266,6 +266,12 @@ def test_upcycle_matches_the_model_built_by_config_and_overwritten(args, kwargs)
     assert torch.equal(moe.eval()(idx), reference.eval()(idx))
 
 
+def test_upcycle_refuses_experts_that_cannot_hold_the_dense_ffn():
+    dense = TransformerLM(CFG)
+    with pytest.raises(ValueError, match="moe_options must leave expert='swiglu' .*got expert='mlp'"):
+        upcycle(dense, 2, 1, moe_options={"expert": "mlp"})
+
+
 # ------------------------------------------------------------------------------------ merging
 def _merge_by_overwriting(models, gates, top_k=1):
     """The earlier ``merge_into_moe`` for TransformerLMs: build the merged model, overwrite experts and gates."""

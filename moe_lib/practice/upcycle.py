@@ -85,7 +85,8 @@ def upcycle(dense: TransformerLM, num_experts: int = 8, top_k: int = 2, *, route
     (:meth:`~moe_lib.experts.ExpertBank.from_weights`).
 
     Raises:
-        TypeError: ``dense`` is not a TransformerLM. ValueError: ``dense`` is not dense (``cfg.ffn != "dense"``).
+        TypeError: ``dense`` is not a TransformerLM. ValueError: ``dense`` is not dense (``cfg.ffn != "dense"``),
+            or ``moe_options`` asks for experts other than ``"swiglu"``.
     """
     if not isinstance(dense, TransformerLM):
         raise TypeError(f"dense must be a moe_lib.models.TransformerLM, got {type(dense).__name__}")
@@ -103,6 +104,9 @@ def upcycle(dense: TransformerLM, num_experts: int = 8, top_k: int = 2, *, route
     state = {k: v for k, v in dense.state_dict().items() if ".ffn." not in k}
     missing, _ = moe.load_state_dict(state, strict=False)
     assert all(".ffn." in k for k in missing), missing
+    if moe.blocks[0].ffn.moe.experts.kind != "swiglu":
+        raise ValueError(f"moe_options must leave expert='swiglu' to copy the dense SwiGLU FFNs, got expert="
+                         f"{moe.blocks[0].ffn.moe.experts.kind!r}")
     for block_d, block_m in zip(dense.blocks, moe.blocks):
         built = block_m.ffn.moe  # the config's layer: its router, dispatcher and options are kept
         experts = _experts_from_ffns([block_d.ffn] * num_experts, dtype=built.experts.w_gate.dtype)
