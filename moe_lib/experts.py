@@ -13,6 +13,13 @@ Each bank offers several views of the same computation:
 * :meth:`ExpertBank.forward_grouped` — all experts at once on their grouped rows ``[N, d_model]`` with
   ``torch._grouped_mm`` (no padding; used by the ``grouped_mm`` backend).
 
+Every view takes a ``hidden_hook``, a function of the hidden activations (after the activation, before the
+output projection; linear experts have none and refuse one): how :class:`~moe_lib.practice.DropoutExperts`
+adds dropout without restating a formula.
+A bank is built by its constructor (a random init) or from given stacked weights
+(:meth:`ExpertBank.from_weights`: upcycled, merged or converted experts, handed to
+:class:`~moe_lib.MoELayer` as ``expert=bank``).
+
 Kinds: ``linear`` (``x W_e + b_e``, the 1991 local experts), ``mlp`` (``act(x W1 + b1) W2 + b2``, the
 Transformer FFN of Switch/GShard) and ``swiglu`` (``(silu(x W_g) ⊙ x W_u) W_d``, Shazeer 2020, used by
 Mixtral, Qwen-MoE and DeepSeek-V3).
