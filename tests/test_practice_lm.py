@@ -10,7 +10,7 @@ from moe_lib.models.transformer import SwiGLU
 from moe_lib.practice import (DropoutExperts, add_expert_dropout, expert_utilisation, ffn_inputs, finetune_lm, freeze_roles,
                               gate_vectors_from_hidden, merge_into_moe, parameter_roles, router_drift,
                               top_expert_assignments, upcycle, upcycle_ffn)
-from moe_lib.tasks import TaskModel
+from moe_lib.book.tasks import TaskModel
 
 # Routers whose per-token weights sum to 1 (renormalised top-k or the full softmax): an upcycled layer is
 # then exactly the dense FFN. Excluded: "switch", "hash", "base" (one expert scaled by a gate value < 1), "expert_choice" (a

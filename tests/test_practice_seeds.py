@@ -7,7 +7,7 @@ from moe_lib import seed_everything
 from moe_lib.models import LMConfig, TransformerLM, evaluate_lm, train_lm
 from moe_lib.practice import (domain_subset, finetune_recipes, merge_finetunes, merge_task_experts, per_seed_values,
                               upcycling_comparison)
-from moe_lib.tasks import TaskData, TaskModel, multi_domain_task
+from moe_lib.book.tasks import TaskData, TaskModel, multi_domain_task
 
 
 def tiny_cfg(**kw):
