@@ -422,76 +422,81 @@ class HFRunner(Runner):
         return (g[:, : self.f].transpose(1, 2), g[:, self.f:].transpose(1, 2), self.ex.down_proj.grad.transpose(1, 2))
 
 
+def _bank(p: Problem, grad: bool):
+    """A :class:`~moe_lib.experts.SwiGLUExperts` bank holding the problem's weights (no init drawn, no copy)."""
+    from ..experts import SwiGLUExperts
+
+    s = p.case.shape
+    with torch.device("meta"):
+        bank = SwiGLUExperts(s.E, s.d, s.f)
+    for name, weight in zip(("w_gate", "w_up", "w_down"), p.weights):
+        setattr(bank, name, torch.nn.Parameter(weight.detach(), requires_grad=grad))
+    return bank
+
+
 class BackendRunner(Runner):
-    """moe_lib's ``MoELayer`` data path after its router: the layer's dispatch stage
-    (:class:`~moe_lib.dispatch.TokenDispatcher`: group by expert, then the backend, then the combine) with one
-    of :data:`moe_lib.backends.BACKENDS` over a :class:`~moe_lib.experts.SwiGLUExperts` bank holding the
-    problem's weights."""
+    """moe_lib's ``MoELayer`` data path after its router, on the harness's routing: the layer's dispatch
+    stage over a bank holding the problem's weights — :class:`~moe_lib.dispatch.TokenDispatcher` (group by
+    expert, the backend, the combine) with one of :data:`moe_lib.backends.BACKENDS`, or
+    :class:`moe_lib.kernels.KernelDispatcher` (grouping on the device, the fused kernels)."""
 
-    def __init__(self, p: Problem, grad: bool, backend: str):
+    def __init__(self, p: Problem, grad: bool, backend: str, dispatcher=None):
         from ..backends import BACKENDS
-        from ..experts import SwiGLUExperts
+        from ..dispatch import TokenDispatcher
 
-        s = p.case.shape
-        with torch.device("meta"):
-            bank = SwiGLUExperts(s.E, s.d, s.f)
-        bank.w_gate = torch.nn.Parameter(p.w_gate.detach(), requires_grad=grad)
-        bank.w_up = torch.nn.Parameter(p.w_up.detach(), requires_grad=grad)
-        bank.w_down = torch.nn.Parameter(p.w_down.detach(), requires_grad=grad)
-        self.bank, self.backend, self.E = bank, BACKENDS[backend], s.E
-        super().__init__([bank.w_gate, bank.w_up, bank.w_down])
+        self.bank, self.backend, self.E = _bank(p, grad), BACKENDS[backend], p.case.shape.E
+        self.dispatcher = TokenDispatcher() if dispatcher is None else dispatcher
+        super().__init__([self.bank.w_gate, self.bank.w_up, self.bank.w_down])
 
     def forward(self, x, w, idx):
-        from ..dispatch import TokenDispatcher
         from ..routers import Routing
 
         empty = x.new_zeros(0, self.E, dtype=torch.float32)
         routing = Routing(logits=empty, probs=empty, experts=idx, weights=w)
-        return TokenDispatcher()(self.bank, x, routing, self.backend)[0]
+        return self.dispatcher(self.bank, x, routing, self.backend)[0]
 
     def weight_grads(self):
         return self.bank.w_gate.grad, self.bank.w_up.grad, self.bank.w_down.grad
 
 
-class KernelRunner(Runner):
-    """``moe_lib.kernels``: ``permute_metadata`` then ``expert_ffn`` (``fused=False``), or ``fused_moe``
-    (router + metadata + FFN, ``fused=True``). If ``impl`` raises and ``fallback`` is set, the runner
-    switches to ``impl="torch"`` for good and records it (``impl_used``, ``note``). The registry's entries
-    never fall back: a Triton failure is recorded as an error, never as a torch time under a Triton name."""
+def _kernel_runner(p: Problem, grad: bool) -> BackendRunner:
+    """``moe_lib_triton``: the layer's dispatch stage with :class:`moe_lib.kernels.KernelDispatcher`."""
+    from ..kernels import KernelDispatcher  # ImportError (recorded) where moe_lib.kernels cannot be imported
 
-    def __init__(self, p: Problem, grad: bool, impl: str = "triton", fused: bool = False, fallback: bool = False):
-        from .. import kernels as K  # ImportError (recorded) where moe_lib.kernels cannot be imported
+    runner = BackendRunner(p, grad, "triton", KernelDispatcher())
+    runner.impl_used = "triton"  # the kernels' implementation, recorded beside the time (never a torch fallback)
+    return runner
 
-        self.K, self.impl, self.fused, self.fallback = K, impl, fused, fallback
-        self.impl_used = impl
-        self.routes_itself = fused
-        self.E, self.k = p.case.shape.E, p.case.shape.k
-        self.w_gate, self.w_up, self.w_down = (_leaf(t, grad) for t in p.weights)
-        self.router_weight = _leaf(p.router_weight, grad)
-        super().__init__([self.w_gate, self.w_up, self.w_down] + ([self.router_weight] if fused else []))
 
-    def _call(self, impl, x, w, idx):
-        K = self.K
-        if self.fused:
-            y, (w, experts, _) = K.fused_moe(x, self.router_weight, self.w_gate, self.w_up, self.w_down, self.k,
-                                             impl=impl, return_routing=True)
-            self.last_routing = (w.detach(), experts)
-            return y
-        meta = K.permute_metadata(idx.to(torch.int32), self.E, impl=impl)
-        return K.expert_ffn(x, w, meta, self.w_gate, self.w_up, self.w_down, impl=impl)
+class LayerRunner(Runner):
+    """``moe_lib_fused``: a whole :class:`~moe_lib.MoELayer` — :class:`moe_lib.kernels.FusedTopKRouter`
+    (router kernel) holding the problem's router weight, :class:`moe_lib.kernels.KernelDispatcher` and the
+    bank — so it routes by itself; checked against the reference of its own routing."""
+
+    routes_itself = True
+
+    def __init__(self, p: Problem, grad: bool):
+        from ..kernels import FusedTopKRouter, KernelDispatcher
+        from ..layer import MoELayer
+
+        s = p.case.shape
+        with torch.device("meta"):
+            router = FusedTopKRouter(s.d, s.E, s.k)
+        router.gate.weight = torch.nn.Parameter(p.router_weight.detach(), requires_grad=grad)
+        self.layer = MoELayer(s.d, s.f, s.E, router=router, expert=_bank(p, grad), dispatcher=KernelDispatcher(),
+                              backend="triton", aux_loss_coef=0.0)
+        self.impl_used = "triton"
+        bank = self.layer.experts
+        super().__init__([bank.w_gate, bank.w_up, bank.w_down, router.gate.weight])
 
     def forward(self, x, w, idx):
-        try:
-            return self._call(self.impl_used, x, w, idx)
-        except Exception as e:
-            if not self.fallback or self.impl_used == "torch":
-                raise
-            self.note = f"impl={self.impl!r} raised {_error(e)}; measured impl='torch' instead"
-            self.impl_used = "torch"
-            return self._call("torch", x, w, idx)
+        y, info = self.layer(x, return_info=True)
+        self.last_routing = (info.routing.weights.detach(), info.routing.experts)
+        return y
 
     def weight_grads(self):
-        return self.w_gate.grad, self.w_up.grad, self.w_down.grad
+        bank = self.layer.experts
+        return bank.w_gate.grad, bank.w_up.grad, bank.w_down.grad
 
 
 @dataclass(frozen=True)
@@ -551,10 +556,10 @@ def impl_registry() -> dict[str, Impl]:
     impls = [
         Impl("dense_equal_flops", "baseline", "dense SwiGLU FFN over T*k rows: equal FLOPs, no routing (speed of light)",
              DenseRunner, _skip_dense),
-        Impl("moe_lib_triton", "moe_lib", "moe_lib.kernels permute_metadata + expert_ffn, impl='triton'",
-             lambda p, g: KernelRunner(p, g, "triton"), uses_triton=True),
-        Impl("moe_lib_fused", "moe_lib", "moe_lib.kernels fused_moe (router + metadata + FFN), impl='triton'",
-             lambda p, g: KernelRunner(p, g, "triton", fused=True), _skip_fused, uses_triton=True),
+        Impl("moe_lib_triton", "moe_lib", "MoELayer dispatch stage with kernels.KernelDispatcher (permute_metadata + "
+             "expert_ffn)", _kernel_runner, uses_triton=True),
+        Impl("moe_lib_fused", "moe_lib", "MoELayer with kernels.FusedTopKRouter + KernelDispatcher (router + "
+             "metadata + FFN kernels, what fused_moe computes)", LayerRunner, _skip_fused, uses_triton=True),
         *_backend_impls(),
         Impl("torch_grouped_mm", "peer", "sort + two torch._grouped_mm + index_add (the anchors' hand-written path)",
              GroupedMMRunner),

@@ -9,6 +9,10 @@ The path of one MoE FFN layer, as kernels::
                      combine; Triton backward)
     fused_moe        all three, from x and the router weight
 
+The same path as parts of the library's one forward (:mod:`.parts`)::
+
+    MoELayer(d, f, E, k, router=FusedTopKRouter(d, E, k), dispatcher=KernelDispatcher(), backend="triton")
+
 Every function takes ``impl="triton"`` (the kernels) or ``impl="torch"`` (:mod:`.reference`, plain PyTorch
 with the same results). On a machine without CUDA, ``import moe_lib`` (which always runs before this
 package) sets ``TRITON_INTERPRET=1`` unless already set, so the kernels run in Triton's interpreter on the CPU: exact enough to test, far too
@@ -57,7 +61,8 @@ MAX_EXPERTS = 1024  # the router and schedule kernels hold one row of E scores i
 __all__ = [
     "Metadata", "available", "interpreting", "route", "permute_metadata", "metadata_from_plan", "expert_ffn",
     "fused_moe", "block_m_for", "reference", "IMPLS", "SCORES", "ACTIVATIONS", "interleave_gate_up",
-    "split_gate_up", "interleaved_gate_up", "clear_interleave_cache", "gate_up_operand",
+    "split_gate_up", "interleaved_gate_up", "clear_interleave_cache", "gate_up_operand", "FusedTopKRouter",
+    "KernelDispatcher",
 ]
 
 interleave_gate_up = reference.interleave_gate_up
@@ -364,7 +369,11 @@ def fused_moe(x: Tensor, router_weight: Tensor, w_gate: Tensor, w_up: Tensor, w_
               return_routing: bool = False):
     """One MoE FFN layer from ``x [T, d]``: logits ``x W_rᵀ`` (``router_weight [E, d]``, the layout of
     ``nn.Linear`` and of Hugging Face's ``gate.weight``) → :func:`route` → :func:`permute_metadata` →
-    :func:`expert_ffn`. With ``return_routing`` also returns ``(weights, experts, meta)``."""
+    :func:`expert_ffn`. With ``return_routing`` also returns ``(weights, experts, meta)``.
+
+    The functional form, on raw tensors (as vLLM's ``fused_moe``); as a module with auxiliary losses and
+    metrics it is ``MoELayer(router=FusedTopKRouter(...), dispatcher=KernelDispatcher(), backend="triton")``
+    (:mod:`.parts`; equal bit for bit when the logits are the same: that router scores in float32)."""
     _check_tensor("x", x, 2, "[T, d_model]")
     _check_tensor("router_weight", router_weight, 2, "[E, d_model]")
     if router_weight.shape[1] != x.shape[1]:
@@ -375,3 +384,6 @@ def fused_moe(x: Tensor, router_weight: Tensor, w_gate: Tensor, w_up: Tensor, w_
     meta = permute_metadata(experts, num_experts, block_m, impl=impl)
     y = expert_ffn(x, weights.to(torch.float32), meta, w_gate, w_up, w_down, activation, impl=impl)
     return (y, (weights, experts, meta)) if return_routing else y
+
+
+from .parts import FusedTopKRouter, KernelDispatcher  # noqa: E402  (parts call back into this module)

@@ -1,8 +1,9 @@
 """Compile every (kernel, configuration) the GPU run can launch, for a Hopper GPU (sm_90), without a GPU.
 
 The configurations are not written by hand: :func:`collect` runs the real entry points — ``fused_moe``
-(router, metadata, expert FFN) and ``MoELayer(backend="triton")``'s path (``metadata_from_plan`` +
-``expert_ffn``), forward and forward + backward — at each benchmark shape and token count on tensors of
+(router, metadata, expert FFN), ``MoELayer(backend="triton")``'s path (``metadata_from_plan`` +
+``expert_ffn``) and the layer with :class:`~moe_lib.kernels.FusedTopKRouter` and
+:class:`~moe_lib.kernels.KernelDispatcher` (the benchmark's ``moe_lib_fused``), forward and forward + backward — at each benchmark shape and token count on tensors of
 PyTorch's ``meta`` device (shapes and dtypes, no memory), with :meth:`JITFunction.run` intercepted: each
 launch ``kernel[grid](...)`` is bound and specialised by Triton's own binder for the CUDA backend (argument
 types, the integers equal to 1 or divisible by 16, 16-byte aligned pointers, the constexprs, ``num_warps``
@@ -40,7 +41,9 @@ from dataclasses import dataclass, field
 #: Hopper's shared memory per thread block (H100/H200: 227 KiB usable of 228 KiB per SM).
 SMEM_LIMIT = 227 * 1024
 MODES = ("fwd", "fwdbwd")
-ENTRY_POINTS = ("fused_moe", "moe_layer")
+#: ``fused_moe``; ``moe_layer``: MoELayer(backend="triton") after make_plan; ``kernel_layer``: MoELayer with
+#: FusedTopKRouter + KernelDispatcher (the benchmark's moe_lib_fused; its router scores in float32)
+ENTRY_POINTS = ("fused_moe", "moe_layer", "kernel_layer")
 
 
 # ------------------------------------------------------------------------------------------ what to cover
@@ -55,7 +58,7 @@ def token_counts() -> list[int]:
 
 def coverage_cases() -> list[tuple]:
     """``(shape, T, mode, entry point)`` of the GPU run, bf16: the five benchmark shapes at :func:`token_counts`,
-    forward and forward + backward, through ``fused_moe`` and ``MoELayer(backend="triton")``'s path; the device
+    forward and forward + backward, through each of :data:`ENTRY_POINTS`; the device
     check's shapes with the fewer experts it may check (:func:`gpu_check.experts_checked`); the preflight's."""
     from ..bench.shapes import SHAPES, Shape
     from .gpu_check import TOKENS as CHECK_T, experts_checked
@@ -165,6 +168,14 @@ def _drive(shape, T: int, mode: str, entry: str, dtype) -> None:
         if entry == "fused_moe":
             router = torch.empty(E, d, device=dev, dtype=dtype, requires_grad=grad)
             y = K.fused_moe(x, router, *ws, k)
+        elif entry == "kernel_layer":  # MoELayer(router=FusedTopKRouter, dispatcher=KernelDispatcher)
+            from ..layer import MoELayer
+            from .parts import FusedTopKRouter, KernelDispatcher
+
+            with torch.device(dev):
+                layer = MoELayer(d, f, E, router=FusedTopKRouter(d, E, k), dispatcher=KernelDispatcher(),
+                                 backend="triton", aux_loss_coef=0.0)
+            y = layer.requires_grad_(grad)(x)
         else:  # MoELayer(backend="triton") after make_plan: metadata_from_plan + expert_ffn
             from ..backends import triton_backend
 
