@@ -1,12 +1,13 @@
 """Small helpers shared by notebooks and tests: seeding, counted FLOPs, rankings that follow the
-printed digits, the book's committed files found from any working directory, and the device a chapter
-runs on."""
+printed digits, the book's committed files found from any working directory, the device a chapter
+runs on, and the git state a recorded result is stamped with."""
 from __future__ import annotations
 
 import dataclasses
 import os
 import random
-from collections.abc import Hashable, Mapping
+import subprocess
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +171,22 @@ def to_device(obj, device: str | torch.device, dtype: torch.dtype | None = None)
         return dataclasses.replace(obj, **{f.name: to_device(getattr(obj, f.name), device, dtype)
                                            for f in dataclasses.fields(obj) if f.init})
     return obj
+
+
+def git_state(paths: Sequence[str] = ()) -> dict[str, str | bool | None]:
+    """The commit of the checkout moe_lib runs from and whether tracked files differ from it
+    (``git_commit``, ``git_dirty``; with ``paths``, only changes under those paths of the repository count:
+    a run of the library is not made "dirty" by an edited notebook). Where the code runs outside a git checkout (a copied working tree), the
+    environment variable ``MOE_LIB_GIT_COMMIT`` supplies the commit; both are None when nothing does."""
+    if os.environ.get("MOE_LIB_GIT_COMMIT"):
+        return {"git_commit": os.environ["MOE_LIB_GIT_COMMIT"], "git_dirty": None}
+    root = Path(__file__).resolve().parents[1]  # moe_lib/ -> the checkout
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths],
+                               cwd=root, capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            return {"git_commit": commit.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"git_commit": None, "git_dirty": None}

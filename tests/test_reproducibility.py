@@ -161,3 +161,24 @@ def test_rank_by_descending_and_series():
     assert rank_by(pd.Series({"x": 1.0, "y": 3.0, "z": 2.0}), 2, descending=True) == ["y", "z", "x"]
     with pytest.raises(TypeError, match="decimals"):
         rank_by({"x": 1.0}, decimals=2.5)
+
+
+def test_git_state_is_the_checkout_moe_lib_runs_from(monkeypatch, tmp_path):
+    """``moe_lib.utils.git_state`` finds the repository from the package's own location (a wrong parent
+    would silently report another folder, or nothing); the environment variable stands in outside git."""
+    import subprocess
+    from pathlib import Path
+
+    import moe_lib
+    from moe_lib.utils import git_state
+
+    root = Path(moe_lib.__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("moe_lib is not running from a git checkout")
+    monkeypatch.delenv("MOE_LIB_GIT_COMMIT", raising=False)
+    monkeypatch.chdir(tmp_path)  # found from the package, not from the working directory
+    state = git_state(paths=("moe_lib",))
+    assert state["git_commit"] == head.stdout.strip() and isinstance(state["git_dirty"], bool)
+    monkeypatch.setenv("MOE_LIB_GIT_COMMIT", "abc123")
+    assert git_state() == {"git_commit": "abc123", "git_dirty": None}

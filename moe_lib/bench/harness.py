@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..book.reproducibility import git_state
+from ..utils import git_state
 from ..utils import relative_norm_error
 from .shapes import MODES, PHASES, ROUTINGS, Shape
 from .timing import wall_times

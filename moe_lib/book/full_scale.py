@@ -81,11 +81,12 @@ def register(experiment: Experiment) -> Experiment:
 def provenance(command: str, parameters: Mapping[str, Any], seeds: Sequence[int], wall_s: float,
                device: str = "cpu", scale: str = "full", git: Mapping[str, Any] | None = None) -> dict:
     """The :data:`PROVENANCE_FIELDS` of a run that has just finished (``scale``: "full", or "quick" for a
-    smoke run at the chapter's live size; ``git``: :func:`moe_lib.book.reproducibility.git_state` taken when the
+    smoke run at the chapter's live size; ``git``: :func:`moe_lib.utils.git_state` taken when the
     run *started*, so a commit made while it ran is not recorded as its code)."""
     import numpy
 
-    from .reproducibility import cpu_vendor, generated_on, git_state
+    from ..utils import git_state
+    from .reproducibility import cpu_vendor, generated_on
 
     try:
         from importlib.metadata import version
@@ -295,7 +296,7 @@ def run(key: str, overrides: Mapping[str, Any] | None = None, *, out: str | Path
         raise ValueError(f"{key} has no parameter {unknown}; its parameters are {sorted(parameters)}")
     parameters.update(overrides or {})
     seeds = list(range(parameters["seed"], parameters["seed"] + parameters["seeds"]))
-    from .reproducibility import git_state
+    from ..utils import git_state
 
     git = git_state(paths=("moe_lib",))  # the code that runs: taken before it runs
     start = time.perf_counter()

@@ -54,9 +54,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,25 +164,6 @@ def generated_on() -> dict[str, str | None]:
     """What a notebook records about the machine that computed its stored outputs: the CPU vendor (the
     contract compares it) and model name (for a reader)."""
     return {"cpu_vendor": cpu_vendor(), "cpu_model": _cpuinfo_field("model name")}
-
-
-def git_state(paths: Sequence[str] = ()) -> dict[str, str | bool | None]:
-    """The commit of the checkout moe_lib runs from and whether tracked files differ from it
-    (``git_commit``, ``git_dirty``; with ``paths``, only changes under those paths of the repository count:
-    a run of the library is not made "dirty" by an edited notebook). Where the code runs outside a git checkout (a copied working tree), the
-    environment variable ``MOE_LIB_GIT_COMMIT`` supplies the commit; both are None when nothing does."""
-    if os.environ.get("MOE_LIB_GIT_COMMIT"):
-        return {"git_commit": os.environ["MOE_LIB_GIT_COMMIT"], "git_dirty": None}
-    root = Path(__file__).resolve().parents[2]  # moe_lib/book/ -> the checkout
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths],
-                               cwd=root, capture_output=True, text=True, timeout=5)
-        if commit.returncode == 0:
-            return {"git_commit": commit.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"git_commit": None, "git_dirty": None}
 
 
 def outputs_vendor(notebooks) -> str | None:

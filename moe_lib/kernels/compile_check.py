@@ -368,7 +368,7 @@ def provenance() -> dict:
     import torch
     import triton
 
-    from ..book.reproducibility import git_state
+    from ..utils import git_state
 
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
             "triton": triton.__version__, "torch": torch.__version__, "python": platform.python_version(),
