@@ -76,3 +76,15 @@ def test_time_implementations_quartiles_are_optional_and_ordered():
         else:
             assert row["q1_ms"] <= row["median_ms"] <= row["q3_ms"]
     assert any(not math.isnan(row["median_ms"]) for row in rows)
+
+
+def test_iqr_trend_counts_a_difference_only_beyond_the_scatter():
+    base = (1.0, 0.9, 1.1)
+    assert timing.iqr_trend(base, (1.5, 1.2, 1.6)) == "slower (1.50×)"
+    assert timing.iqr_trend(base, (0.5, 0.4, 0.6)) == "faster (0.50×)"
+    assert timing.iqr_trend(base, (1.15, 1.1, 1.2)) == "within the scatter (1.15×)"  # touching ranges overlap
+    assert timing.iqr_trend(base, (0.85, 0.8, 0.9)) == "within the scatter (0.85×)"
+    with pytest.raises(ValueError, match=r"other must be a \(median, q1, q3\) triple"):
+        timing.iqr_trend(base, (1.0, 1.2, 1.1))
+    with pytest.raises(ValueError, match="base must be"):
+        timing.iqr_trend((0.0, 0.0, 0.0), base)

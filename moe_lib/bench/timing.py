@@ -71,3 +71,21 @@ def median_iqr(times) -> tuple[float, float, float]:
         raise ValueError(f"times must be a non-empty sequence of finite numbers, got {values.tolist()}")
     q1, median, q3 = np.percentile(values, [25, 50, 75])
     return float(median), float(q1), float(q3)
+
+
+def iqr_trend(base: tuple[float, float, float], other: tuple[float, float, float]) -> str:
+    """How ``other`` compares with ``base``, two :func:`median_iqr` triples ``(median, q1, q3)``: ``"slower"``
+    or ``"faster"`` only when the interquartile ranges do not overlap, else ``"within the scatter"`` —
+    followed by the ratio of medians, e.g. ``"slower (1.31×)"``. The rule the book applies to a CPU time:
+    a difference counts once it clears the run-to-run scatter."""
+    for name, triple in (("base", base), ("other", other)):
+        if len(triple) != 3 or not all(isinstance(v, (int, float)) and v > 0 for v in triple) or \
+                not triple[1] <= triple[0] <= triple[2]:
+            raise ValueError(f"{name} must be a (median, q1, q3) triple of positive times with q1 <= median <= q3, "
+                             f"got {triple!r}")
+    ratio = f"({other[0] / base[0]:.2f}×)"
+    if other[1] > base[2]:
+        return f"slower {ratio}"
+    if other[2] < base[1]:
+        return f"faster {ratio}"
+    return f"within the scatter {ratio}"
