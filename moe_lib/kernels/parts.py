@@ -51,12 +51,12 @@ class FusedTopKRouter(TopKRouter):
     ``k = 2``, Jiang et al. 2024, eq. 1) whose softmax → top-k → renormalise runs in the router kernel
     :func:`~moe_lib.kernels.route` (ties to the lower expert index). The gate, its init and the
     :class:`~moe_lib.routers.Routing` it returns are TopKRouter's, so everything downstream (auxiliary
-    losses, metrics, any dispatcher) is unchanged.
+    losses, metrics, any dispatcher) is unchanged. The arguments are :class:`~moe_lib.routers.TopKRouter`'s,
+    and one more.
 
     Args:
         impl: ``"triton"`` (the kernel; Triton's interpreter on a machine without CUDA) or ``"torch"`` (its
             reference, :func:`~moe_lib.kernels.reference.route_ref`).
-        Other arguments as for :class:`~moe_lib.routers.TopKRouter`.
     """
 
     name = "fused_topk"
