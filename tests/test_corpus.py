@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from moe_lib.book.corpus import (STDLIB_FILES, TOKEN_TYPES, fixed_windows, random_windows, stdlib_corpus,
-                            token_type_labels)
+from moe_lib.book.corpus import STDLIB_FILES, TOKEN_TYPES, stdlib_corpus, token_type_labels
+from moe_lib.models.windows import fixed_windows, random_windows
 
 
 def test_labels_on_known_snippet():

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from moe_lib.book.corpus import fixed_windows, spread_windows
+from moe_lib.models.windows import fixed_windows, spread_windows
 from moe_lib.models import LMConfig, LMHistory, TransformerLM, evaluate_lm, lm_variants
 from moe_lib.models.comparison import SeedRun, loss_on_windows, speedups, train_over_seeds
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .._validate import check_int
-from ..book.corpus import spread_windows
+from .windows import spread_windows
 from ..utils import seed_everything
 from .lm_training import LMHistory, loss_on_windows, steps_to_reach, train_lm
 from .transformer import LMConfig, TransformerLM

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import check_int, check_positive_float
-from ..book.corpus import fixed_windows, random_windows
+from .windows import fixed_windows, random_windows
 from .transformer import LMConfig, TransformerLM
 
 LN2 = math.log(2.0)

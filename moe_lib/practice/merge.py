@@ -195,7 +195,7 @@ def merge_finetunes(base: TransformerLM, domains: dict, *, steps: int = 60, batc
     ``{"base", "<domain> fine-tune" for each domain, "merged (base non-FFN)", "merged (mean non-FFN)"}`` →
     model: the two merges keep the base's or the sources' element-wise mean non-FFN parameters.
     """
-    from ..book.corpus import fixed_windows
+    from ..models.windows import fixed_windows
     from ..utils import seed_everything
     from .finetune import finetune_lm
 
