@@ -80,3 +80,35 @@ def test_library_primitives_are_defined_in_the_library(module, names):
     for name in names:
         assert getattr(importlib.import_module(module), name).__module__ == module
         assert name not in grouping.__dict__ or name == "max_tiles"
+
+
+#: The library's imports of moe_lib.book, each with why it is there; anything else is a layering error.
+BOOK_IMPORTS_ALLOWED = {
+    ("moe_lib/bench/roofline.py", "grouping"): "the roofline plots chapter 11's tile statistics",
+    ("moe_lib/bench/roofline.py", "serving"): "the decode roofline uses chapter 14's experts-touched formula",
+    ("moe_lib/classic/em.py", "data"): "chapter 3's experiment loads its robot-arm data set",
+    ("moe_lib/models/analysis.py", "plot"): "chapter 9's routed-text figure uses the book's expert colours",
+    ("moe_lib/practice/merge.py", "tasks"): "merging task models merges the multi-domain task's models",
+}
+
+
+def test_the_library_imports_the_book_only_where_listed():
+    """The core and the library subpackages do not depend on ``moe_lib.book`` except in the listed places (the
+    core: nowhere); a new dependency on the book's support code has to be added here with its reason."""
+    import re
+    from pathlib import Path
+
+    root = Path(moe_lib.__file__).parent
+    pattern = re.compile(r"^\s*from\s+(?:moe_lib|\.\.?)\.?book\.(\w+)\s+import|^\s*from\s+(?:moe_lib|\.\.?)\.?book\s+"
+                         r"import\s+(\w+)|^\s*import\s+moe_lib\.book\.(\w+)", re.M)
+    found = set()
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root.parent).as_posix()
+        if rel.startswith("moe_lib/book/"):
+            continue
+        for match in pattern.finditer(path.read_text()):
+            found.add((rel, next(g for g in match.groups() if g)))
+    assert found == set(BOOK_IMPORTS_ALLOWED), (sorted(found - set(BOOK_IMPORTS_ALLOWED)),
+                                                sorted(set(BOOK_IMPORTS_ALLOWED) - found))
+    core = {m.removeprefix("moe_lib.").replace(".", "/") + ".py" for m in CORE if m != "moe_lib"}
+    assert not any(rel.removeprefix("moe_lib/") in core for rel, _ in found)
