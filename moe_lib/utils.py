@@ -177,7 +177,8 @@ def git_state(paths: Sequence[str] = ()) -> dict[str, str | bool | None]:
     """The commit of the checkout moe_lib runs from and whether tracked files differ from it
     (``git_commit``, ``git_dirty``; with ``paths``, only changes under those paths of the repository count:
     a run of the library is not made "dirty" by an edited notebook). Where the code runs outside a git
-    checkout (a copied working tree), the environment variable ``MOE_LIB_GIT_COMMIT`` supplies the commit; both are None when nothing does."""
+    checkout (a copied working tree), the environment variable ``MOE_LIB_GIT_COMMIT`` supplies the commit;
+    both are None when nothing does."""
     if os.environ.get("MOE_LIB_GIT_COMMIT"):
         return {"git_commit": os.environ["MOE_LIB_GIT_COMMIT"], "git_dirty": None}
     root = Path(__file__).resolve().parents[1]  # moe_lib/ -> the checkout
