@@ -77,7 +77,7 @@ def iqr_trend(base: tuple[float, float, float], other: tuple[float, float, float
     """How ``other`` compares with ``base``, two :func:`median_iqr` triples ``(median, q1, q3)``: ``"slower"``
     or ``"faster"`` only when the interquartile ranges do not overlap, else ``"within the scatter"`` —
     followed by the ratio of medians, e.g. ``"slower (1.31×)"``. The rule the book applies to a CPU time:
-    a difference counts once it clears the run-to-run scatter."""
+    a difference counts once it clears the scatter between the calls of one run."""
     for name, triple in (("base", base), ("other", other)):
         if len(triple) != 3 or not all(isinstance(v, (int, float)) and v > 0 for v in triple) or \
                 not triple[1] <= triple[0] <= triple[2]:

@@ -9,7 +9,7 @@ plug into it rather than beside it::
 * :class:`FusedTopKRouter` — :class:`~moe_lib.routers.TopKRouter` whose selection (softmax → top-k →
   renormalise) is the router kernel :func:`~moe_lib.kernels.route`.
 * :class:`KernelDispatcher` — groups the assignments on the device with
-  :func:`~moe_lib.kernels.permute_metadata` (no host synchronisation) and runs the gathered grouped GEMMs
+  :func:`~moe_lib.kernels.permute_metadata` (no host synchronisation with ``impl="triton"``) and runs the gathered grouped GEMMs
   and the combine of :func:`~moe_lib.kernels.expert_ffn`. The :class:`~moe_lib.dispatch.DispatchPlan` that
   :class:`~moe_lib.MoEInfo` reports is deferred: made (by :func:`~moe_lib.dispatch.make_plan`) only if read.
 
@@ -81,8 +81,8 @@ class FusedTopKRouter(TopKRouter):
 
 class KernelDispatcher(Dispatcher):
     """Dropless token dispatch by the kernels: :func:`~moe_lib.kernels.permute_metadata` groups the ``T·k``
-    assignments by expert on the device (counts, offsets, a stable order and the tile schedule, no host
-    synchronisation), and :func:`~moe_lib.kernels.expert_ffn` gathers the rows inside its first GEMM,
+    assignments by expert on the device (counts, offsets, a stable order and the tile schedule; with
+    ``impl="triton"`` no host synchronisation — the torch reference reads the offsets back), and :func:`~moe_lib.kernels.expert_ffn` gathers the rows inside its first GEMM,
     applies the routing weight in the second's epilogue and sums each token's ``k`` rows in a fixed order.
 
     It runs the experts itself, so the layer's backend must be ``"triton"``. It takes routings with ``k``
