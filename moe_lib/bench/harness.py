@@ -588,11 +588,8 @@ def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none: Sequen
         return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grad_to_none) or None,
                                              return_mode="median"))
 
-    def clear_grads():
-        for t in grad_to_none:
-            t.grad = None
-
-    times = sorted(wall_times(fn, repeats=cpu_reps, warmup=1, device=device, max_s=cpu_max_s, before=clear_grads))
+    times = sorted(wall_times(fn, repeats=cpu_reps, warmup=1, device=device, max_s=cpu_max_s,
+                              before=lambda: _zero_grads(grad_to_none)))
     return 1e3 * times[len(times) // 2]
 
 
