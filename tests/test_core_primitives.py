@@ -88,7 +88,7 @@ class _PerExpert(ExpertBank):
 
     def forward_expert(self, e, x, hidden_hook=None):
         h = x * self.scale[e]
-        return h if hidden_hook is None else hidden_hook(h, e)
+        return h if hidden_hook is None else hidden_hook(h)
 
 
 def test_the_default_blocked_view_calls_each_expert_on_its_block_with_the_hook():
@@ -96,8 +96,8 @@ def test_the_default_blocked_view_calls_each_expert_on_its_block_with_the_hook()
     blocks = [(0, torch.ones(2, 3)), (1, torch.ones(1, 3))]
     plain = bank.forward_blocks(blocks)
     assert [b.tolist() for b in plain] == [[[2.0] * 3] * 2, [[3.0] * 3]]
-    hooked = bank.forward_blocks(blocks, hidden_hook=lambda h, e: h + 10 * e)
-    assert [b.tolist() for b in hooked] == [[[2.0] * 3] * 2, [[13.0] * 3]]
+    hooked = bank.forward_blocks(blocks, hidden_hook=lambda h: h + 10)  # a HiddenHook: h -> h
+    assert [b.tolist() for b in hooked] == [[[12.0] * 3] * 2, [[13.0] * 3]]
 
 
 def test_what_a_user_reads():
